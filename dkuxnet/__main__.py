@@ -1,0 +1,5 @@
+import sys
+
+from dkuxnet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,213 @@
+"""Command line: ``python -m dkuxnet …`` (also installed as ``dkuxnet``).
+
+Each sub-command is a thin wrapper around one library function, imported lazily so that
+``dkuxnet --help`` and the data commands start without importing torch. Library errors that are
+the user's fault (``ValueError``, ``FileNotFoundError``, ``dkuxnet.data.la.DataError``) are printed
+as one line ``error: …`` with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from dkuxnet.config import ABLATIONS, PRESETS
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects section.field=value, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _cmd_data_download(a: argparse.Namespace) -> int:
+    from dkuxnet.data.download import DEFAULT_BASE_URL, download_la
+
+    download_la(Path(a.dest), base_url=a.base_url or DEFAULT_BASE_URL, progress=not a.quiet)
+    return 0
+
+
+def _cmd_data_check(a: argparse.Namespace) -> int:
+    from dkuxnet.data.la import check_dataset
+
+    report = check_dataset(Path(a.data_dir), progress=not a.quiet)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_data_phantom(a: argparse.Namespace) -> int:
+    from dkuxnet.data.phantom import make_phantom
+
+    make_phantom(Path(a.dest), cases=a.cases, seed=a.seed)
+    print(f"wrote a {a.cases}-case synthetic phantom data set to {a.dest}")
+    return 0
+
+
+def _cmd_model_info(a: argparse.Namespace) -> int:
+    from dkuxnet.models import model_info
+
+    print(json.dumps(model_info(a.preset)))
+    return 0
+
+
+def _train_config(a: argparse.Namespace):
+    from dkuxnet.config import get_preset
+
+    changes: dict[str, Any] = {}
+    if a.label_ratio is not None:
+        changes["data.label_ratio"] = a.label_ratio
+    if a.labeled_num is not None:
+        changes["data.labeled_num"] = a.labeled_num
+    if a.max_iterations is not None:
+        changes["train.max_iterations"] = a.max_iterations
+    if a.seed is not None:
+        changes["train.seed"] = a.seed
+    if a.ablation is not None:
+        changes["loss.ablation"] = a.ablation
+    changes.update(_parse_set(a.set))
+    return get_preset(a.preset).override(**changes)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from dkuxnet.train import train
+
+    summary = train(
+        _train_config(a), data_dir=Path(a.data_dir), out_dir=Path(a.out), device=a.device,
+        resume=a.resume, progress=not a.quiet,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from dkuxnet.evaluate import evaluate_checkpoint
+
+    summary = evaluate_checkpoint(
+        Path(a.checkpoint), data_dir=Path(a.data_dir), out_dir=Path(a.out), mode=a.mode,
+        device=a.device, lcc=a.lcc, progress=not a.quiet,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from dkuxnet.bench import run_bench
+
+    result = run_bench(
+        presets=a.preset, device=a.device, out=Path(a.out) if a.out else None,
+        data_dir=Path(a.data_dir) if a.data_dir else None, steps=a.steps, warmup=a.warmup,
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_reproduce(a: argparse.Namespace) -> int:
+    from dkuxnet.reproduce import reproduce
+
+    reproduce(
+        profile=a.profile, ratios=a.ratios, seeds=a.seeds, data_dir=Path(a.data_dir) if a.data_dir else None,
+        runs_dir=Path(a.runs_dir), max_iterations=a.max_iterations, device=a.device,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dkuxnet", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="download, check or synthesise LA-layout data").add_subparsers(
+        dest="data_command", required=True
+    )
+    d = data.add_parser("download", help="fetch the 100 LA h5 files and both lists, verified by SHA-256")
+    d.add_argument("--dest", required=True, help="folder to create or complete")
+    d.add_argument("--base-url", default=None, help="mirror of UA-MT's data/ folder (default: pinned GitHub raw URL)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_cmd_data_download)
+    d = data.add_parser("check", help="validate every case and both lists of a data folder")
+    d.add_argument("--data-dir", required=True)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_cmd_data_check)
+    d = data.add_parser("phantom", help="write the synthetic LA-like phantom data set")
+    d.add_argument("--dest", required=True)
+    d.add_argument("--cases", type=int, default=20)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_data_phantom)
+
+    m = sub.add_parser("model-info", help="parameter counts of a preset (meta device, instant)")
+    m.add_argument("--preset", choices=PRESETS, default="paper")
+    m.set_defaults(func=_cmd_model_info)
+
+    t = sub.add_parser("train", help="train one run (resumable)")
+    t.add_argument("--preset", choices=PRESETS, default="paper")
+    t.add_argument("--label-ratio", type=float, default=None)
+    t.add_argument("--labeled-num", type=int, default=None)
+    t.add_argument("--data-dir", required=True)
+    t.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, config.json)")
+    t.add_argument("--max-iterations", type=int, default=None)
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    t.add_argument("--ablation", choices=ABLATIONS, default=None)
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any config field, value parsed as JSON when possible")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on test.list")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data-dir", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--mode", choices=("protocol", "fast"), default="protocol")
+    e.add_argument("--device", default=None)
+    e.add_argument("--lcc", action="store_true", help="also report largest-connected-component results")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)
+
+    b = sub.add_parser("bench", help="time the training step and protocol inference")
+    b.add_argument("--preset", nargs="+", default=None, help="default: paper vnet on CUDA, tiny on CPU")
+    b.add_argument("--device", default=None)
+    b.add_argument("--out", default=None, help="JSON file to write")
+    b.add_argument("--data-dir", default=None, help="LA folder for the inference timing (default: synthetic volume)")
+    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--warmup", type=int, default=None)
+    b.set_defaults(func=_cmd_bench)
+
+    r = sub.add_parser("reproduce", help="run the notebooks with papermill for each ratio and seed")
+    r.add_argument("--profile", choices=("smoke", "paper"), default="smoke")
+    r.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    r.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--runs-dir", default="runs")
+    r.add_argument("--max-iterations", type=int, default=None)
+    r.add_argument("--device", default=None)
+    r.set_defaults(func=_cmd_reproduce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    from dkuxnet.errors import UserError
+
+    try:
+        return func(args)
+    except (UserError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
