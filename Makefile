@@ -1,0 +1,99 @@
+# dkuxnet — two entry points: `make book` and `make test` (recipe: ../shared/docs/tooling.md §4).
+#
+#   make book        venv + install, vendor JS, execute notebooks/*.py with papermill into _build/stage,
+#                    build the Jupyter Book (-W -n: any warning fails), copy the HTML to _build/html
+#   make test        venv + install, pytest -q
+#   make book-check  tests of the built HTML (+ headless Chromium screenshot when chromium is installed)
+#   make screenshot  PNG of the visualisation page in _build/screenshots/ (needs chromium)
+#   make serve       serve _build/html on http://127.0.0.1:8000
+#
+# Variables: PY (interpreter used to create the venv), VENV, PROFILE (papermill profile, default smoke).
+
+SHELL       := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := book
+
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAGE   := _build/stage
+VENDOR  := _build/vendor
+PROFILE ?= smoke
+NBS     := $(sort $(wildcard notebooks/*.py))
+
+# plotly 7's default under papermill is plotly_mimetype, which JB1 drops (tooling.md §5.4);
+# notebook_connected + plotly.min.js served from _static renders offline.
+export PLOTLY_RENDERER ?= notebook_connected
+export MPLBACKEND ?= Agg
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+WIDGETS_MANAGER := @jupyter-widgets/html-manager@1.0.15
+REQUIREJS       := requirejs@2.3.8
+
+.PHONY: book test setup vendor execute html book-check screenshot serve clean
+
+book: html
+	rm -rf _build/html
+	cp -r $(STAGE)/_build/html _build/html
+	@echo "book: open _build/html/index.html"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+$(VENV)/pyvenv.cfg:
+	$(PY) -m venv $(VENV)
+
+# The stamp records that the venv matches requirements.txt and pyproject.toml.
+_build/setup.stamp: $(VENV)/pyvenv.cfg requirements.txt pyproject.toml
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	mkdir -p _build && touch $@
+
+setup: _build/setup.stamp
+
+# JS served from the book itself: plotly.js from the installed plotly package, require.js and the
+# ipywidgets HTML manager from npm. The site then needs no CDN for figures or widgets.
+$(VENDOR)/.stamp: _build/setup.stamp
+	rm -rf $(VENDOR) _build/npm && mkdir -p _build/npm $(VENDOR)/widgets
+	cd _build/npm && npm pack --silent $(WIDGETS_MANAGER) $(REQUIREJS) >/dev/null
+	tar -xzf _build/npm/requirejs-2.3.8.tgz -C $(VENDOR) --strip-components=1 package/require.js
+	tar -xzf _build/npm/jupyter-widgets-html-manager-1.0.15.tgz -C _build/npm
+	cd _build/npm/package/dist && cp embed-amd.js *.woff *.woff2 *.ttf *.eot *.svg $(CURDIR)/$(VENDOR)/widgets/
+	cp "$$($(BIN)/python -c 'import os, plotly; print(os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js"))')" $(VENDOR)/
+	touch $@
+
+vendor: $(VENDOR)/.stamp
+
+# notebooks/X.py (jupytext percent, the source) -> _build/stage/notebooks/X.ipynb -> papermill runs it
+# in place, with the kernel's working directory _build/stage/notebooks. Relative paths a notebook
+# writes (../data/phantom, ../runs/...) therefore land in the throw-away stage, never in the repo.
+# Notebooks run in name order (01_ … 07_), so later ones may reuse what earlier ones wrote.
+execute: setup vendor
+	rm -rf $(STAGE) && mkdir -p $(STAGE)/notebooks
+	cp -r _config.yml _toc.yml book $(STAGE)/
+	cp -r $(VENDOR) $(STAGE)/_vendor && rm -f $(STAGE)/_vendor/.stamp
+	@if [ -z "$(NBS)" ]; then echo "execute: no notebooks/*.py found" >&2; exit 1; fi
+	@for py in $(NBS); do \
+	  nb=$(STAGE)/$${py%.py}.ipynb; t0=$$SECONDS; \
+	  echo "execute: $$py (profile $(PROFILE))"; \
+	  $(BIN)/jupytext --quiet --to ipynb -o $$nb $$py || exit 1; \
+	  $(BIN)/papermill --no-progress-bar --log-level WARNING --execution-timeout 600 \
+	    --cwd $(STAGE)/notebooks -k python3 \
+	    $$nb $$nb -p profile $(PROFILE) || { echo "execute: $$py FAILED" >&2; exit 1; }; \
+	  echo "execute: $$py done in $$((SECONDS - t0)) s"; \
+	done
+
+html: execute
+	$(BIN)/jupyter-book build $(STAGE) --keep-going -W -n
+
+book-check: setup
+	$(BIN)/python -m pytest -q tests/test_book.py
+
+screenshot:
+	tools/screenshot.sh _build/html notebooks/06_visualize.html _build/screenshots/06_visualize.png
+
+serve:
+	$(BIN)/python -m http.server --bind 127.0.0.1 -d _build/html 8000
+
+clean:
+	rm -rf _build

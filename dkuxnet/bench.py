@@ -1,0 +1,213 @@
+"""Benchmark of the real training step and of protocol inference (``engineering.md`` B.5–B.7).
+
+:func:`run_bench` times :func:`dkuxnet.engine.train_step` — the same code :func:`dkuxnet.train.train`
+runs: sampling and augmentation on the device, both views in one pass, the full
+:func:`~dkuxnet.losses.semi_supervised_loss`, the optimiser step — on volumes resident on the
+device: by default synthetic random volumes (a "no data loading" mode, as nnU-Net's
+``nnUNetTrainerBenchmark_5epochs_noDataLoading``), or the first cases of an LA folder. For each preset
+it reports
+
+* the median ms per step after warm-up (``torch.cuda.synchronize`` around each timed step — only
+  here, never in training),
+* the peak memory (``torch.cuda.max_memory_allocated``, GiB),
+* FLOPs of one step (forward + backward + optimiser) counted by ``torch.utils.flop_counter.FlopCounterMode``
+  and the achieved TFLOP/s against the card's dense bf16 peak (nanoGPT's MFU habit). The counter
+  overcounts grouped-convolution backward (``engineering.md`` B.5), so treat the MFU as an upper bound;
+* seconds per LA-shaped test volume (175×132×88; scaled with the patch for small presets) through
+  :func:`dkuxnet.inference.predict_protocol` (UA-MT grid, stride 18/18/4, batched windows).
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dkuxnet.config import Config, get_preset
+from dkuxnet.data import VolumeBank, make_split, read_case
+from dkuxnet.engine import (
+    build_run, configure_backends, device_name, effective_unlabeled_bs, git_commit, resolve_device, train_step,
+    write_json_atomic,
+)
+from dkuxnet.inference import predict_protocol, protocol_windows
+
+LA_TEST_SHAPE = (175, 132, 88)  # protocol.md §2.1 example case; 45 windows at 112×112×80
+LA_PATCH = (112, 112, 80)
+PEAK_BF16_TFLOPS = (  # dense bf16 tensor-core peak per card (datasheets); first substring match wins
+    ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("T4", 65.0),
+)
+SYNTHETIC_CASES = 4  # labeled and unlabeled volumes each in the synthetic bank
+
+
+def peak_tflops(name: str) -> float | None:
+    """Dense bf16 peak of a card from its name (H100 989, A100 312, L4 121, T4 65 …), else None."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def scaled_shape(patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """LA test-volume shape scaled by patch / 112×112×80 (the LA shape itself at the LA patch)."""
+    return tuple(round(s * p / q) for s, p, q in zip(LA_TEST_SHAPE, patch, LA_PATCH))  # type: ignore[return-value]
+
+
+def bench_config(preset: str, device: torch.device, overrides: dict[str, Any] | None = None) -> Config:
+    """The preset as trained; on CPU presets other than ``tiny`` run at ``tiny``'s patch to stay fast.
+
+    ``overrides`` (dotted ``Config.override`` keys) are applied last.
+    """
+    cfg = get_preset(preset)
+    if device.type == "cpu" and preset != "tiny":
+        cfg = cfg.override(**{"data.patch_size": get_preset("tiny").data.patch_size})
+    return cfg.override(**overrides) if overrides else cfg
+
+
+def synthetic_bank(shape: tuple[int, int, int], n: int, device: torch.device, seed: int = 0) -> VolumeBank:
+    """``n`` random z-scored volumes with blob labels (foreground where smoothed noise is high)."""
+    gen = torch.Generator().manual_seed(seed)
+    images = [torch.randn((1, *shape), generator=gen) for _ in range(n)]  # 1×X×Y×Z each
+    pooled = [torch.nn.functional.avg_pool3d(im[None], 5, 1, 2)[0, 0] for im in images]  # X×Y×Z
+    labels = [(p > p.quantile(0.8)).to(torch.uint8) for p in pooled]
+    return VolumeBank(images=images, labels=labels, ids=[f"synthetic{i}" for i in range(n)]).to(device)
+
+
+def _bench_data(cfg: Config, device: torch.device, data_dir: Path | None) -> tuple[VolumeBank, int, torch.Tensor]:
+    """Bank (labeled first) + number labeled + one test volume, synthetic or from ``data_dir``."""
+    if data_dir is None:
+        bank = synthetic_bank(scaled_shape(cfg.data.patch_size), 2 * SYNTHETIC_CASES, device)
+        return bank, SYNTHETIC_CASES, bank.images[0][0]
+    split = make_split(Path(data_dir), labeled_num=SYNTHETIC_CASES)
+    ids = split.labeled + split.unlabeled[:SYNTHETIC_CASES]
+    bank = VolumeBank.load(Path(data_dir), ids, progress=False).to(device)
+    image, _ = read_case(Path(data_dir), split.test[0])
+    return bank, len(split.labeled), torch.from_numpy(image)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_preset(
+    preset: str, device: torch.device, steps: int, warmup: int, data_dir: Path | None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Time one preset's training step and protocol inference on ``device``.
+
+    The first warm-up step runs under ``FlopCounterMode`` (an extra untimed step when ``warmup == 0``).
+    """
+    cfg = bench_config(preset, device, overrides)
+    configure_backends(cfg.train, device)
+    bank, n_labeled, volume = _bench_data(cfg, device, data_dir)
+    run = build_run(cfg, bank, n_labeled, device)
+    with FlopCounterMode(display=False) as counter:
+        train_step(run)
+    for _ in range(warmup - 1):
+        train_step(run)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        train_step(run)
+        _sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    ms = statistics.median(times)
+    flops = counter.get_total_flops()
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    achieved = flops / (ms / 1000) / 1e12
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    amp = device.type == "cuda" and cfg.train.precision == "bf16"
+    run.model.eval()
+    predict_protocol(run.model, volume, patch=cfg.data.patch_size, device=device, amp=amp)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    predict_protocol(run.model, volume, patch=cfg.data.patch_size, device=device, amp=amp)
+    _sync(device)
+    infer_s = time.perf_counter() - t0
+    views, n_lab, n_unl = cfg.data.views, cfg.data.labeled_bs, effective_unlabeled_bs(cfg)
+    return {
+        "config": cfg.to_dict(),
+        "batch": {"views": views, "labeled": n_lab, "unlabeled": n_unl, "volumes": views * (n_lab + n_unl)},
+        "patch": list(cfg.data.patch_size),
+        "precision": "bf16 autocast" if amp else "fp32",
+        "ms_per_step": ms,
+        "ms_steps": times,
+        "peak_gib": peak_gib,
+        "tflop_per_step": flops / 1e12,
+        "tflops_achieved": achieved,
+        "peak_tflops_bf16": peak,
+        "mfu": achieved / peak if peak else None,
+        "infer_volume_shape": list(volume.shape),
+        "infer_windows": len(protocol_windows(tuple(volume.shape), cfg.data.patch_size)),
+        "infer_s_per_volume": infer_s,
+    }
+
+
+def run_bench(
+    presets: list[str] | str | None = None,
+    device: str | torch.device | None = None,
+    out: Path | None = None,
+    data_dir: Path | None = None,
+    steps: int | None = None,
+    warmup: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Benchmark training step and inference of each preset; optionally write the JSON to ``out``.
+
+    Args:
+        presets: preset names; default ``["paper", "vnet"]`` on CUDA, ``["tiny", "vnet"]`` on CPU
+            (``vnet`` at ``tiny``'s patch there).
+        device: default cuda if available, else cpu.
+        out: JSON file to write atomically.
+        data_dir: LA folder: its first cases replace the synthetic volumes, its first test case the
+            synthetic inference volume.
+        steps: timed steps (default 8 on CUDA, 2 on CPU).
+        warmup: untimed steps first (default 3 on CUDA, 1 on CPU; at least one runs, FLOP-counted).
+        overrides: dotted config changes applied to every preset (e.g. a smaller ``data.patch_size``).
+
+    Returns:
+        ``device``, ``torch``, ``cuda``, ``cudnn``, ``commit``, ``date``, ``steps``, ``warmup``,
+        ``data`` and ``presets`` = {name: numbers of :func:`bench_preset`, or ``{"error": …}`` when the
+        card ran out of memory}.
+    """
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    default = ["paper", "vnet"] if cuda else ["tiny", "vnet"]
+    names = [presets] if isinstance(presets, str) else list(presets or default)
+    steps = steps if steps is not None else (8 if cuda else 2)
+    warmup = warmup if warmup is not None else (3 if cuda else 1)
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    results: dict[str, Any] = {}
+    for name in names:
+        try:
+            results[name] = bench_preset(name, dev, steps, warmup, Path(data_dir) if data_dir else None, overrides)
+        except torch.cuda.OutOfMemoryError as exc:
+            results[name] = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+        if cuda:
+            torch.cuda.empty_cache()
+    result = {
+        "device": device_name(dev),
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "steps": steps,
+        "warmup": max(warmup, 1),
+        "overrides": overrides or {},
+        "data": str(data_dir) if data_dir else "synthetic (no data loading)",
+        "presets": results,
+    }
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(out), result)
+    return result

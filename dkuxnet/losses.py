@@ -1,0 +1,398 @@
+"""Training losses of DKUXNet (method.md §5): pure functions, fp32 inside, no host syncs.
+
+Shapes: B volumes, K classes, N queries, G query groups, C channels, V voxels (``...`` = spatial dims).
+Every function upcasts half-precision inputs to fp32 and runs with autocast disabled, so bf16 model outputs give
+fp32 losses. No function calls ``.item()`` or branches on tensor values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dkuxnet.config import ABLATIONS, LossConfig
+
+_EPS = 1e-8  # norm floor of the cosine similarity: a zero vector has cosine 0 with everything
+GRANULARITIES = ("volume", "voxel")
+REDUCTIONS = ("mean", "sum")
+SEG_LOSSES = ("dice_ce", "uamt")
+
+
+def _no_autocast(t: Tensor) -> torch.autocast:
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """bf16 / fp16 -> fp32; fp32 and fp64 unchanged (fp64 keeps gradient checks exact)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _check_seg_inputs(logits: Tensor, target: Tensor) -> None:
+    if logits.ndim < 3:
+        raise ValueError(f"logits: expected B×K×... with spatial dims, got shape {tuple(logits.shape)}")
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"target: shape {tuple(target.shape)} does not match logits {tuple(logits.shape)} (B×K×...)")
+
+
+def dice_ce_loss(logits: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor:
+    r"""Dice + cross-entropy with MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)`` semantics.
+
+    .. math::
+        p = \mathrm{softmax}_K(z),\quad g = \mathrm{onehot}(y),\quad
+        L = \frac{1}{BK}\sum_{b,k}\Big(1 - \frac{2\sum_v p_{bkv} g_{bkv} + s}{\sum_v p_{bkv} + \sum_v g_{bkv} + s}\Big)
+            - \frac{1}{BV}\sum_{b,v} \log p_{b,y_{bv},v}
+
+    Background included, Dice per (volume, class) then averaged, weights 1 : 1.
+
+    Args:
+        logits: B×K×... class logits.
+        target: B×... integer labels in [0, K) (not range-checked: that would need a host sync).
+        smooth: s, added to numerator and denominator.
+
+    Returns:
+        0-dim fp32 tensor.
+    """
+    _check_seg_inputs(logits, target)
+    if smooth < 0:
+        raise ValueError(f"smooth: must be >= 0, got {smooth}")
+    with _no_autocast(logits):
+        z = _at_least_fp32(logits)
+        y = target.long()
+        p = z.softmax(dim=1).flatten(2)  # B×K×V
+        g = F.one_hot(y.flatten(1), z.shape[1]).transpose(1, 2).to(z.dtype)  # B×K×V
+        inter = (p * g).sum(-1)  # B×K
+        dice = 1.0 - (2.0 * inter + smooth) / (p.sum(-1) + g.sum(-1) + smooth)  # B×K
+        return dice.mean() + F.cross_entropy(z, y)
+
+
+def uamt_seg_loss(logits: Tensor, target: Tensor) -> Tensor:
+    r"""Supervised loss of the LA V-Net repositories (UA-MT ``train_LA.py``): 0.5 (CE + foreground Dice).
+
+    .. math::
+        L = \tfrac12\Big(-\frac{1}{BV}\sum_{b,v}\log p_{b,y_{bv},v}
+            + 1 - \frac{2\sum_{b,v} p_{b1v} g_{bv} + \epsilon}{\sum_{b,v} p_{b1v}^2 + \sum_{b,v} g_{bv}^2 + \epsilon}\Big),
+        \quad g = [y = 1],\ \epsilon = 10^{-5}
+
+    The Dice sums run over the whole batch (one ratio, not a mean of per-volume ratios), as in UA-MT;
+    the foreground is class 1.
+
+    Args:
+        logits: B×K×... class logits, K >= 2.
+        target: B×... integer labels.
+
+    Returns:
+        0-dim fp32 tensor.
+    """
+    _check_seg_inputs(logits, target)
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits: need K >= 2 classes for a foreground Dice, got K={logits.shape[1]}")
+    with _no_autocast(logits):
+        z = _at_least_fp32(logits)
+        y = target.long()
+        p1 = z.softmax(dim=1)[:, 1]  # B×...
+        g = (y == 1).to(z.dtype)  # B×...
+        eps = 1e-5
+        dice = 1.0 - (2.0 * (p1 * g).sum() + eps) / ((p1 * p1).sum() + (g * g).sum() + eps)
+        return 0.5 * (F.cross_entropy(z, y) + dice)
+
+
+def label_to_group(label: Tensor, num_groups: int) -> Tensor:
+    r"""Query-group target :math:`\hat y = \min(y, G-1)` (method.md §4); same dtype as ``label``."""
+    if num_groups < 1:
+        raise ValueError(f"num_groups: must be >= 1, got {num_groups}")
+    return label.clamp(max=num_groups - 1)
+
+
+def _check_groups(group_sizes: Sequence[int], n: int) -> None:
+    if len(group_sizes) == 0 or any(int(s) < 1 for s in group_sizes) or sum(group_sizes) != n:
+        raise ValueError(f"group_sizes: need positive sizes summing to N={n}, got {tuple(group_sizes)}")
+
+
+def qd_loss(query_logits: Tensor, group_target: Tensor, group_sizes: Sequence[int], reduction: str = "mean") -> Tensor:
+    r"""Query-distribution (QD) loss: NLL of the query masses merged into groups (method.md §5.1).
+
+    .. math::
+        \log O_{g,v} = \operatorname{logsumexp}_{n\in g} L_{n,v} - \operatorname{logsumexp}_{n} L_{n,v},\qquad
+        \ell_{b} = -\sum_v \log O_{\hat y_{bv}, v}
+
+    ``reduction="mean"``: :math:`\frac{1}{BV}\sum_b \ell_b` (mean over voxels and batch, the [decision]).
+    ``reduction="sum"``: :math:`\frac{1}{B}\sum_b \ell_b` — sum over voxels, mean over batch; this is the
+    official ``qd = -mean_b(sum_{g,v} onehot * log O)`` (the sum over groups only picks the target group).
+    Computed in log space (no log 0), queries grouped by consecutive slices of ``group_sizes``.
+
+    Args:
+        query_logits: B×N×... per-voxel query logits (softmax over N = the assignment S).
+        group_target: B×... integer group index in [0, G) (see :func:`label_to_group`).
+        group_sizes: G positive sizes summing to N.
+        reduction: "mean" or "sum".
+
+    Returns:
+        0-dim fp32 tensor.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if query_logits.ndim < 3 or group_target.shape != query_logits.shape[:1] + query_logits.shape[2:]:
+        raise ValueError(
+            f"group_target: shape {tuple(group_target.shape)} does not match query_logits "
+            f"{tuple(query_logits.shape)} (B×N×...)"
+        )
+    _check_groups(group_sizes, query_logits.shape[1])
+    with _no_autocast(query_logits):
+        z = _at_least_fp32(query_logits)
+        bounds = [0, *itertools.accumulate(int(s) for s in group_sizes)]
+        lse_g = torch.stack([z[:, a:b].logsumexp(dim=1) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)  # B×G×...
+        log_o = lse_g - z.logsumexp(dim=1, keepdim=True)  # B×G×...
+        y = group_target.long()
+        if reduction == "mean":
+            return F.nll_loss(log_o, y)
+        return F.nll_loss(log_o, y, reduction="sum") / z.shape[0]
+
+
+def downsample_nearest(label: Tensor, size: Sequence[int]) -> Tensor:
+    r"""Nearest-neighbour resampling of a B×X×Y×Z label map to B×x×y×z by exact integer indexing.
+
+    Output voxel (i, j, k) takes input voxel :math:`(\lfloor iX/x\rfloor, \lfloor jY/y\rfloor, \lfloor kZ/z\rfloor)`
+    (the rule of ``F.interpolate(mode="nearest")``, without its float rounding); for an exact stride s this
+    is ``label[:, ::s, ::s, ::s]``, the first voxel of every s×s×s block.
+    """
+    if len(size) != label.ndim - 1:
+        raise ValueError(f"size: expected {label.ndim - 1} spatial sizes, got {tuple(size)}")
+    out = label
+    for d, (n_in, n_out) in enumerate(zip(label.shape[1:], size)):
+        idx = torch.arange(n_out, device=label.device) * n_in // n_out  # n_out
+        out = out.index_select(d + 1, idx)
+    return out
+
+
+def deep_supervision_loss(
+    aux: Sequence[Tensor], label: Tensor, group_sizes: Sequence[int], reduction: str = "mean"
+) -> Tensor:
+    r"""Deep supervision of the per-layer kMaX assignments (method.md §5.2).
+
+    .. math::
+        L_{ds} = \frac{1}{|\mathcal L|}\sum_{\ell} L_{qd}\big(M_\ell,\ \min(\mathrm{down}_\ell(y), G-1)\big)
+
+    with :math:`\mathrm{down}_\ell` the nearest-neighbour resampling of :func:`downsample_nearest` to layer
+    :math:`\ell`'s grid (strides 8/4/2 of the patch).
+
+    Args:
+        aux: per-layer affinity logits, each B×N×x×y×z.
+        label: B×X×Y×Z integer labels (raw classes; mapped to groups here).
+        group_sizes: G positive sizes summing to N.
+        reduction: QD reduction, "mean" or "sum".
+
+    Returns:
+        0-dim fp32 tensor; zero (on ``label``'s device) when ``aux`` is empty.
+    """
+    if len(aux) == 0:
+        return torch.zeros((), device=label.device)
+    target = label_to_group(label, len(group_sizes))
+    losses = []
+    for i, m in enumerate(aux):
+        if m.ndim != label.ndim + 1 or m.shape[0] != label.shape[0]:
+            raise ValueError(f"aux: layer {i} has shape {tuple(m.shape)}, label {tuple(label.shape)} (B×N×x×y×z)")
+        losses.append(qd_loss(m, downsample_nearest(target, m.shape[2:]), group_sizes, reduction))
+    return torch.stack(losses).mean()
+
+
+def _ntxent_rows(sim: Tensor, tau: float, mask: Tensor, half: int) -> Tensor:
+    """Mean over rows a of -log softmax(sim[a] / tau, masked)[(a + half) mod n]; ``sim`` is overwritten."""
+    n = sim.shape[-1]
+    target = (torch.arange(n, device=sim.device) + half) % n  # n
+    logits = sim.div_(tau).masked_fill_(mask, float("-inf"))  # ...×n×n, in place: no extra copies
+    return F.cross_entropy(logits.reshape(-1, n), target.repeat(logits.numel() // (n * n)))
+
+
+def ntxent_loss(
+    x: Tensor,
+    tau: float,
+    granularity: str = "volume",
+    num_samples: int = 4096,
+    generator: torch.Generator | None = None,
+    exclude_same_class: bool = False,
+) -> Tensor:
+    r"""NT-Xent between the two views of each volume (method.md §5.4, §5.5).
+
+    Items are ordered [view 0 of B volumes, view 1 of B volumes]; the positive of item a is
+    p(a) = (a + B) mod 2B. Volume granularity, with the voxel-averaged cosine similarity:
+
+    .. math::
+        \mathrm{sim}(X, Y) = \frac1V\sum_v \frac{X_{:,v}\cdot Y_{:,v}}{\max(\|X_{:,v}\|,\varepsilon)\max(\|Y_{:,v}\|,\varepsilon)},\quad
+        L = \frac{1}{2B}\sum_{a}-\log\frac{\exp(\mathrm{sim}(X_a, X_{p(a)})/\tau)}{\sum_{k\ne a}\exp(\mathrm{sim}(X_a, X_k)/\tau)}
+
+    The 2B×2B matrix is one matmul of the per-voxel normalised items flattened to 2B×(C·V) (TF32 if the
+    caller enabled it for fp32 matmuls). B = 1 raises ``ValueError`` (no negatives: the loss is constant).
+
+    Voxel granularity: per volume, M = min(num_samples, V) voxel positions are drawn without replacement
+    (``generator`` on ``x``'s device); the 2M anchors are the sampled C-vectors of both views, the positive
+    is the same voxel in the other view, the negatives are the other 2M − 2 vectors of that volume,
+    sim is the plain cosine; L is the mean over the B·2M anchors (memory B×2M×2M).
+    ``exclude_same_class`` (voxel only) also drops the negatives whose argmax over C equals the anchor's
+    (a deviation used for L_segc on class probabilities).
+
+    Args:
+        x: (2B)×C×... per-voxel vectors (e.g. query assignment S or class probabilities).
+        tau: temperature τ > 0.
+        granularity: "volume" or "voxel".
+        num_samples: M, voxels per volume for granularity="voxel".
+        generator: optional torch.Generator on ``x.device`` for the voxel sampling.
+        exclude_same_class: drop same-argmax negatives (granularity="voxel" only).
+
+    Returns:
+        0-dim fp32 tensor.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    if not tau > 0:
+        raise ValueError(f"tau: must be > 0, got {tau}")
+    if x.ndim < 2 or x.shape[0] % 2 or x.shape[0] == 0:
+        raise ValueError(f"x: expected (2B)×C×... with an even number of items, got shape {tuple(x.shape)}")
+    n, c, b = x.shape[0], x.shape[1], x.shape[0] // 2
+    with _no_autocast(x):
+        z = _at_least_fp32(x).reshape(n, c, -1)  # 2B×C×V
+        v = z.shape[2]
+        if granularity == "volume":
+            if exclude_same_class:
+                raise ValueError("exclude_same_class: only defined for granularity='voxel'")
+            if b < 2:
+                raise ValueError(f"x: volume-level NT-Xent needs B >= 2 volumes (2B >= 4 items), got {n} items")
+            flat = F.normalize(z, dim=1, eps=_EPS).reshape(n, c * v)  # 2B×(C·V)
+            sim = flat @ flat.T / v  # 2B×2B
+            eye = torch.eye(n, dtype=torch.bool, device=x.device)  # 2B×2B
+            return _ntxent_rows(sim, tau, eye, b)
+        if num_samples < 1:
+            raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
+        if generator is not None and torch.device(generator.device).type != x.device.type:
+            raise ValueError(f"generator: on {generator.device}, x on {x.device}")
+        m = min(num_samples, v)
+        idx = torch.rand(b, v, generator=generator, device=x.device).topk(m, dim=1).indices  # B×M
+        zs = z.reshape(2, b, c, v).gather(3, idx.view(1, b, 1, m).expand(2, b, c, m))  # 2×B×C×M
+        anchors = F.normalize(zs, dim=2, eps=_EPS).permute(1, 0, 3, 2).reshape(b, 2 * m, c)  # B×2M×C
+        sim = anchors @ anchors.transpose(1, 2)  # B×2M×2M
+        mask = torch.eye(2 * m, dtype=torch.bool, device=x.device).expand(b, -1, -1)  # B×2M×2M
+        if exclude_same_class:
+            cls = zs.argmax(dim=2).transpose(0, 1).reshape(b, 2 * m)  # B×2M
+            pos = mask.roll(m, dims=2)  # B×2M×2M, True at (a, p(a))
+            mask = mask | ((cls[:, :, None] == cls[:, None, :]) & ~pos)
+        return _ntxent_rows(sim, tau, mask, m)
+
+
+def sigmoid_rampup(iteration: int, length: float = 40.0, every: int = 150) -> float:
+    r"""Sigmoid ramp of the LA repositories: :math:`\exp(-5(1 - \min(t, T)/T)^2)`, t = iteration // every.
+
+    T = ``length``; T = 0 gives 1.0 (no ramp). Defaults reach 1 at iteration 6000.
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration: must be >= 0, got {iteration}")
+    if length < 0:
+        raise ValueError(f"length: must be >= 0, got {length}")
+    if every < 1:
+        raise ValueError(f"every: must be >= 1, got {every}")
+    if length == 0:
+        return 1.0
+    phase = 1.0 - min(iteration // every, length) / length
+    return math.exp(-5.0 * phase * phase)
+
+
+def _check_loss_config(cfg: LossConfig) -> None:
+    for name, value, allowed in (
+        ("seg_loss", cfg.seg_loss, SEG_LOSSES),
+        ("ablation", cfg.ablation, ABLATIONS),
+        ("qd_reduction", cfg.qd_reduction, REDUCTIONS),
+        ("qdc_granularity", cfg.qdc_granularity, GRANULARITIES),
+        ("segc_granularity", cfg.segc_granularity, GRANULARITIES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"cfg.{name}: expected one of {allowed}, got {value!r}")
+
+
+def semi_supervised_loss(
+    out: Any,
+    labels: Tensor,
+    n_labeled: int,
+    views: int,
+    cfg: LossConfig,
+    iteration: int,
+    group_sizes: Sequence[int],
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""Total objective of method.md §5.6.
+
+    .. math::
+        L = L_{seg} + r(t)\,(\lambda_{qdc} L_{qdc} + \lambda_{segc} L_{segc}),\qquad
+        L_{seg} = \frac{1}{|\mathrm{views}|}\sum_{\mathrm{view}} \big[L_{dice\,ce} + \lambda_{qd} L_{qd} + \lambda_{ds} L_{ds}\big]
+
+    L_seg uses the labeled items of each view (``cfg.seg_loss``: :func:`dice_ce_loss` or
+    :func:`uamt_seg_loss` on ``seg_logits``; :func:`qd_loss` on ``query_logits``;
+    :func:`deep_supervision_loss` on ``aux``). QD and DS are skipped when ``group_sizes`` is empty or
+    ``out.query_logits`` is None (V-Net). L_qdc = :func:`ntxent_loss` on ``query_probs``, L_segc on
+    softmax_K(seg_logits) (same-class negatives excluded at voxel granularity), both over all items of both
+    views. ``cfg.ablation``: "seg" → L_seg only; "qdc" / "segc" → one consistency term; "all" → both.
+    Consistency terms are off when ``views == 1`` or their λ is 0. r(t) = :func:`sigmoid_rampup`.
+
+    Args:
+        out: model output with ``seg_logits`` (views·(n_lab + n_unlab))×K×..., ``query_logits`` and
+            ``query_probs`` ×N×... or None, ``aux`` list of ×N×x×y×z; view-major
+            ([view 0: labeled, unlabeled][view 1: labeled, unlabeled]).
+        labels: n_labeled×... integer labels of the labeled items (shared by the views).
+        n_labeled: labeled items per view.
+        views: 1 (weak only) or 2 (weak + strong).
+        cfg: loss weights and switches.
+        iteration: training iteration (for the ramp).
+        group_sizes: query group sizes (empty for V-Net).
+        generator: device generator for voxel-granularity sampling.
+
+    Returns:
+        ``(total, parts)``; ``parts`` holds detached 0-dim fp32 tensors ``total``, ``seg`` (L_seg with its
+        weights), unweighted ``dice_ce`` (the seg term, whichever ``cfg.seg_loss``), ``qd``, ``ds``, ``qdc``,
+        ``segc``, and ``ramp``; disabled terms are 0.
+    """
+    _check_loss_config(cfg)
+    seg = out.seg_logits
+    if views not in (1, 2):
+        raise ValueError(f"views: expected 1 or 2, got {views}")
+    if seg.ndim < 3 or seg.shape[0] % views:
+        raise ValueError(f"out.seg_logits: batch {tuple(seg.shape)} is not views={views} × items")
+    items = seg.shape[0] // views
+    if not 1 <= n_labeled <= items:
+        raise ValueError(f"n_labeled: must be in [1, {items}] (items per view), got {n_labeled}")
+    if labels.shape != (n_labeled,) + seg.shape[2:]:
+        raise ValueError(f"labels: shape {tuple(labels.shape)}, expected {(n_labeled,) + tuple(seg.shape[2:])}")
+    zero = seg.new_zeros((), dtype=torch.float32)
+    with _no_autocast(seg):
+        seg_fn = dice_ce_loss if cfg.seg_loss == "dice_ce" else uamt_seg_loss
+        use_qd = len(group_sizes) > 0 and out.query_logits is not None and cfg.lambda_qd != 0
+        use_ds = len(group_sizes) > 0 and len(out.aux) > 0 and cfg.lambda_ds != 0
+        group_target = label_to_group(labels, len(group_sizes)) if use_qd else labels
+        dice_ce, qd, ds = zero, zero, zero
+        for view in range(views):
+            lab = slice(view * items, view * items + n_labeled)
+            dice_ce = dice_ce + seg_fn(seg[lab], labels) / views
+            if use_qd:
+                qd = qd + qd_loss(out.query_logits[lab], group_target, group_sizes, cfg.qd_reduction) / views
+            if use_ds:
+                aux = [m[lab] for m in out.aux]
+                ds = ds + deep_supervision_loss(aux, labels, group_sizes, cfg.qd_reduction) / views
+        l_seg = dice_ce + cfg.lambda_qd * qd + cfg.lambda_ds * ds
+
+        qdc, segc = zero, zero
+        ramp = seg.new_full((), sigmoid_rampup(iteration, cfg.rampup_length, cfg.rampup_every), dtype=torch.float32)
+        if views == 2 and cfg.ablation in ("qdc", "all") and cfg.lambda_qdc != 0:
+            if out.query_probs is None:
+                raise ValueError(f"cfg.ablation: {cfg.ablation!r} with lambda_qdc > 0 needs out.query_probs")
+            qdc = ntxent_loss(out.query_probs, cfg.tau, cfg.qdc_granularity, cfg.voxel_samples, generator)
+        if views == 2 and cfg.ablation in ("segc", "all") and cfg.lambda_segc != 0:
+            probs = _at_least_fp32(seg).softmax(dim=1)  # 2B×K×...
+            voxel = cfg.segc_granularity == "voxel"
+            segc = ntxent_loss(probs, cfg.tau, cfg.segc_granularity, cfg.voxel_samples, generator, voxel)
+        total = l_seg + ramp * (cfg.lambda_qdc * qdc + cfg.lambda_segc * segc)
+    parts = {"total": total, "seg": l_seg, "dice_ce": dice_ce, "qd": qd, "ds": ds, "qdc": qdc, "segc": segc}
+    parts = {k: v.detach() for k, v in parts.items()}
+    parts["ramp"] = ramp
+    return total, parts

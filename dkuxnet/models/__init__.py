@@ -1,0 +1,58 @@
+"""Models: DKUXNet (``dkuxnet.py``, built from ``uxnet.py``, ``blocks.py``, ``kmax.py``) and UA-MT's V-Net.
+
+``create_model(cfg)`` builds the network a config describes; ``model_info(preset)`` counts its parameters
+on the meta device (no memory, instant), e.g. ``python -m dkuxnet model-info --preset paper``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dkuxnet.config import Config, ModelConfig, get_preset
+from dkuxnet.models.dkuxnet import DKUXNet, ModelOutput, authors_dead_parts, parts
+from dkuxnet.models.kmax import hard_assignment, kmeans_update
+from dkuxnet.models.vnet import VNet
+
+__all__ = [
+    "DKUXNet", "ModelOutput", "VNet", "authors_dead_parts", "create_model", "hard_assignment",
+    "kmeans_update", "model_info",
+]
+
+
+def create_model(cfg: Config | ModelConfig) -> nn.Module:
+    """Build the model of ``cfg`` (``cfg.model.arch``: ``"dkuxnet"`` or ``"vnet"``) on the current default device."""
+    model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+    if model_cfg.arch == "dkuxnet":
+        return DKUXNet(model_cfg)
+    if model_cfg.arch == "vnet":
+        return VNet(model_cfg)
+    raise ValueError(f"unknown model arch {model_cfg.arch!r}; choose 'dkuxnet' or 'vnet'")
+
+
+def model_info(preset: str) -> dict[str, Any]:
+    """Parameter counts of a preset's model, built on the meta device.
+
+    Returns:
+        ``preset``, ``arch``, ``parameters`` (total), ``parts`` ({component: count}, summing to the total);
+        for DKUXNet also ``kmax_layers``, ``assignment_heads`` (parameters of the per-layer heads),
+        ``assignment_heads_trained`` (whether the preset's loss supervises them: ``loss.lambda_ds > 0``)
+        and ``authors_dkunet`` (the authors' class: its total and the dead parts we do not build).
+    """
+    cfg = get_preset(preset)
+    with torch.device("meta"):
+        model = create_model(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    info: dict[str, Any] = {"preset": preset, "arch": cfg.model.arch, "parameters": total}
+    if isinstance(model, DKUXNet):
+        dead = authors_dead_parts(cfg.model)
+        info["parts"] = parts(model)
+        info["kmax_layers"] = len(model.kmax)
+        info["assignment_heads"] = sum(p.numel() for layer in model.kmax for p in layer.head.parameters())
+        info["assignment_heads_trained"] = cfg.loss.lambda_ds > 0
+        info["authors_dkunet"] = {"parameters": total + sum(dead.values()), "dead_parts_not_built": dead}
+    else:
+        info["parts"] = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    return info

@@ -1,0 +1,107 @@
+"""Shared building blocks: channels-first LayerNorm, UNETR-style residual blocks, checkpointing.
+
+The residual blocks compute exactly what MONAI's ``UnetResBlock`` / ``UnetrBasicBlock`` /
+``UnetrUpBlock`` compute with ``norm_name="instance"`` and ``res_block=True`` (the blocks 3D UX-Net's
+``networks/UXNet_3D/network_backbone.py`` and DK-UXNet's ``networks/DKUNet/network_backbone.py`` build),
+with the same parameter count (convolutions without bias, instance norm without affine parameters).
+They are re-written here (about 40 lines) to keep parameter names short and to control layouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class LayerNorm3d(nn.LayerNorm):
+    """LayerNorm over the channel axis of a B×C×X×Y×Z tensor (ConvNeXt's ``channels_first`` LayerNorm).
+
+    3D UX-Net writes this as a chain of ``mean``/``var``/``sqrt``/affine ops (5–6 kernels and as many
+    saved tensors). Here it is one ``F.layer_norm`` on the channels-last view: the same function
+    (biased variance, ``eps`` inside the square root), one fused kernel. The output has the memory layout
+    of the permuted view, i.e. ``channels_last_3d`` for a contiguous input (free for a channels-last one).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(0, 2, 3, 4, 1)  # B×X×Y×Z×C
+        y = F.layer_norm(y, self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 4, 1, 2, 3)  # B×C×X×Y×Z
+
+
+def _instance_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.instance_norm(x, eps=1e-5)
+
+
+class ResBlock3d(nn.Module):
+    """conv3³ → IN → LeakyReLU(0.01) → conv3³ → IN, + (1³ conv → IN when C_in ≠ C_out), → LeakyReLU.
+
+    Same computation and parameters as MONAI ``UnetResBlock(3, c_in, c_out, 3, 1, "instance")``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv3 = nn.Conv3d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.leaky_relu(_instance_norm(self.conv1(x)), 0.01)
+        out = _instance_norm(self.conv2(out))
+        residual = x if self.conv3 is None else _instance_norm(self.conv3(x))
+        return F.leaky_relu(out + residual, 0.01)
+
+
+class UpBlock3d(nn.Module):
+    """Transposed conv k2 s2 (no bias) C_in→C_out, concatenate the skip (C_out), ResBlock3d(2·C_out→C_out).
+
+    Same computation and parameters as MONAI ``UnetrUpBlock(3, c_in, c_out, 3, 2, "instance", res_block=True)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_channels, out_channels, 2, stride=2, bias=False)
+        self.block = ResBlock3d(2 * out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat((self.up(x), skip), dim=1))  # B×2C_out×X×Y×Z → B×C_out×X×Y×Z
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Recompute a block without touching its BatchNorm running statistics a second time."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) · running + 0 · batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def maybe_checkpoint(module: nn.Module, *args: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """``module(*args)``, recomputed in backward (``torch.utils.checkpoint``, non-reentrant) when ``enabled``.
+
+    Only active while training with gradients on. BatchNorm running statistics are updated once, in the
+    first forward, as without checkpointing (the eager recomputation runs with momentum 0).
+    """
+    if not (enabled and module.training and torch.is_grad_enabled()):
+        return module(*args)
+    if torch.compiler.is_compiling():  # dynamo rejects custom context_fn; the compiled backward mutates no buffers
+        return checkpoint(module, *args, use_reentrant=False)
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _frozen_running_stats(module)
+
+    return checkpoint(module, *args, use_reentrant=False, context_fn=contexts)

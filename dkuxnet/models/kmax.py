@@ -1,0 +1,229 @@
+"""kMaX decoder: k-means cross-attention layers and the cluster-assignment (mask) head, in 3D.
+
+Port of ``bytedance/kmax-deeplab: kmax_deeplab/modeling/transformer_decoder/kmax_transformer_decoder.py``
+(itself a port of ``google-research/deeplab2@7a01a71: model/layers/dual_path_transformer.py`` and
+``model/kmax_deeplab.py``) as DK-UXNet's ``networks/DKUNet/transformer_decoder.py`` uses it (method.md §3.3):
+
+* Every "conv" is a 1×1 convolution without bias + BatchNorm (eps 1e-3, momentum 0.01 in PyTorch's sense);
+  weights truncated-normal (±2σ) with σ = √(2 / C_in) unless noted.
+* Deliberate deviations: no class heads (unused in DK-UXNet), plain BatchNorm everywhere (no SyncBatchNorm),
+  no drop path (rate 0), and the k-means update as an ``index_add`` over the argmax index instead of an
+  einsum with a dense fp32 one-hot (same sum, see :func:`kmeans_update`).
+* Precision islands: the affinity (L2 normalisation, Qᵀ·K, its scalar BatchNorm), the hard assignment,
+  the k-means update and its BatchNorm, and the query self-attention (logits, their BatchNorm, softmax,
+  weighted sum) run in fp32 with autocast disabled, as kmax-deeplab does for the update and softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def trunc_normal_(w: torch.Tensor, std: float) -> None:
+    """Truncated-normal init cut at ±2σ (timm's ``trunc_normal_tf_``, as kmax-deeplab and DK-UXNet use)."""
+    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+
+def _batch_norm(dims: int, channels: int) -> nn.modules.batchnorm._BatchNorm:
+    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    return cls(channels, eps=1e-3, momentum=0.01)
+
+
+def fp32_island(device: torch.device) -> torch.autocast:
+    """Autocast disabled on ``device``: inside, ops run in the dtype of their inputs (upcast them with ``.float()``)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+class ConvBN(nn.Module):
+    """Conv (1D on queries or 3D on pixels) → BatchNorm → optional GELU (kmax-deeplab's ``ConvBN``).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        dims: 1 (B×C×N queries) or 3 (B×C×X×Y×Z pixels).
+        kernel_size: 1, or 5 for the depthwise pixel-head conv.
+        depthwise: ``groups = in_channels`` (then ``out_channels`` must equal ``in_channels``).
+        bias: conv bias (initialised to 0).
+        act: apply GELU after the norm.
+        std: truncated-normal weight std; ``None`` = √(2 / in_channels); ``0`` = xavier-uniform.
+        gamma: initial BatchNorm weight (0 for the residual branches).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        dims: int,
+        *,
+        kernel_size: int = 1,
+        depthwise: bool = False,
+        bias: bool = False,
+        act: bool = False,
+        std: float | None = None,
+        gamma: float = 1.0,
+    ) -> None:
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv3d
+        self.conv = conv(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias,
+            groups=in_channels if depthwise else 1,
+        )
+        self.norm = _batch_norm(dims, out_channels)
+        self.act = act
+        if std == 0:
+            nn.init.xavier_uniform_(self.conv.weight)
+        else:
+            trunc_normal_(self.conv.weight, (2.0 / in_channels) ** 0.5 if std is None else std)
+        if bias:
+            nn.init.zeros_(self.conv.bias)
+        nn.init.constant_(self.norm.weight, gamma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.conv(x))
+        return F.gelu(x) if self.act else x
+
+
+@torch.no_grad()
+def hard_assignment(logits: torch.Tensor) -> torch.Tensor:
+    """Hard k-means assignment A = argmax_N(M): for each voxel, the index of its query.
+
+    Computed under no-grad on the detached affinity (no straight-through, no softmax, no Gumbel): the
+    update receives gradient only through the pixel values. Ties go to the lowest query index.
+
+    Args:
+        logits: affinity M, B×N×… (any trailing spatial shape).
+
+    Returns:
+        int64 index tensor B×… (the one-hot A[n, v] = [index[v] = n] is never materialised).
+    """
+    return logits.detach().argmax(dim=1)
+
+
+def kmeans_update(values: torch.Tensor, index: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Summed k-means centre update R = Vp · Aᵀ, i.e. R[b, c, n] = Σ_{v: index[b, v] = n} Vp[b, c, v].
+
+    A sum, not a mean: a query with no assigned voxel gets exactly 0. Computed in fp32 as one
+    ``index_add`` of the B·V value rows (channels-last, contiguous 4C-byte rows) into B·N centre rows:
+    equal to the dense formula ``einsum("bnv,bcv->bcn", one_hot(index), values)`` without the
+    B×N×V one-hot (513 MB in fp32 for 8×128×125,440 at dec1) being built or saved for backward.
+    On CUDA the summation order (atomics) is nondeterministic unless ``torch.use_deterministic_algorithms``.
+
+    Args:
+        values: pixel values Vp, B×C×V (any dtype; upcast to fp32).
+        index: hard assignment, B×V int64 in [0, num_queries).
+        num_queries: N.
+
+    Returns:
+        R, B×C×N float32.
+    """
+    if values.dim() != 3 or index.shape != (values.shape[0], values.shape[2]):
+        raise ValueError(f"values must be B×C×V and index B×V, got {tuple(values.shape)} and {tuple(index.shape)}")
+    b, c, v = values.shape
+    with fp32_island(values.device):
+        rows = values.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # B×V×C
+        offset = torch.arange(b, device=index.device).unsqueeze(1) * num_queries  # B×1
+        target = (index + offset).reshape(b * v)  # B·V
+        r = rows.new_zeros(b * num_queries, c).index_add(0, target, rows.reshape(b * v, c))  # B·N×C
+    return r.view(b, num_queries, c).transpose(1, 2)  # B×C×N
+
+
+class AssignmentHead(nn.Module):
+    """Affinity between pixels and cluster centres (kMaX's ``kMaXPredictor`` without its class head).
+
+    Kp = L2norm(BN(conv_{C_h→E, bias, σ=0.01}(GELU(BN(conv_{C_in→C_h}(GELU(BN(dwconv5³(x))))))))),
+    Qc = BN(conv1d_{C→E}(q)), M = BN₁(Qcᵀ Kp) with BN₁ one BatchNorm over all B·N·V entries (γ₀ = 0.1).
+    Used per kMaX layer (on Xp, U) and as the final predictor (on dec0, mask embeddings).
+
+    Args:
+        pixel_channels: C_in of the pixel feature.
+        query_dim: C, width of the queries and of the pixel head's hidden layer (C_h).
+        embed_dim: E, width of pixel keys and query kernels.
+    """
+
+    def __init__(self, pixel_channels: int, query_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.pixel_dw = ConvBN(pixel_channels, pixel_channels, 3, kernel_size=5, depthwise=True, act=True, std=0)
+        self.pixel_conv = ConvBN(pixel_channels, query_dim, 3, act=True)
+        self.pixel_out = ConvBN(query_dim, embed_dim, 3, bias=True, std=0.01)
+        self.query_out = ConvBN(query_dim, embed_dim, 1)
+        self.affinity_norm = _batch_norm(1, 1)
+        nn.init.constant_(self.affinity_norm.weight, 0.1)
+
+    def forward(self, pixels: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        kp = self.pixel_out(self.pixel_conv(self.pixel_dw(pixels)))  # B×E×X×Y×Z
+        qc = self.query_out(queries)  # B×E×N
+        b, n, spatial = qc.shape[0], qc.shape[2], kp.shape[2:]
+        with fp32_island(kp.device):
+            kp = F.normalize(kp.float().flatten(2), dim=1)  # B×E×V
+            m = torch.bmm(qc.float().transpose(1, 2), kp)  # B×N×V
+            m = self.affinity_norm(m.view(b, 1, -1))  # B×1×(N·V): one BN channel over every entry
+        return m.view(b, n, *spatial)  # B×N×X×Y×Z
+
+
+class QueryAttention(nn.Module):
+    """Multi-head self-attention among the N queries (deeplab2's ``AttentionOperation`` + projections).
+
+    qkv = BN(conv1d_{C→2E+C}(u)) (σ = C^-½); per head logits qᵀk **without** 1/√d, BatchNorm2d over
+    heads, softmax over keys; out = BN(conv1d_{C→C}(GELU(BN(values · attnᵀ)))) with the last γ₀ = 0.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.key_dim, self.num_heads = key_dim, num_heads
+        self.qkv = ConvBN(query_dim, 2 * key_dim + query_dim, 1, std=query_dim**-0.5)
+        self.logit_norm = _batch_norm(2, num_heads)
+        self.value_norm = _batch_norm(1, query_dim)
+        self.proj = ConvBN(query_dim, query_dim, 1, gamma=0.0)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        b, c, n = u.shape
+        h = self.num_heads
+        q, k, v = self.qkv(u).split([self.key_dim, self.key_dim, c], dim=1)
+        with fp32_island(u.device):
+            q = q.float().reshape(b, h, self.key_dim // h, n)  # B×h×d×N
+            k = k.float().reshape(b, h, self.key_dim // h, n)  # B×h×d×N
+            v = v.float().reshape(b, h, c // h, n)  # B×h×dv×N
+            logits = self.logit_norm(torch.einsum("bhdl,bhdm->bhlm", q, k))  # B×h×N×N
+            attn = logits.softmax(dim=-1)  # B×h×N×N, over keys
+            out = torch.einsum("bhlm,bhdm->bhdl", attn, v).reshape(b, c, n)  # B×C×N
+            out = F.gelu(self.value_norm(out))
+        return self.proj(out)
+
+
+class KMaXLayer(nn.Module):
+    """One k-means cross-attention layer (deeplab2's ``kMaXTransformerLayer``), method.md §3.3 steps 1–7.
+
+    Args:
+        pixel_channels: channels of the decoder feature it reads.
+        query_dim: C, cluster-centre width.
+        embed_dim: E, affinity width (also the total q/k width of the self-attention).
+        num_heads: self-attention heads.
+        ffn_dim: hidden width of the query FFN.
+    """
+
+    def __init__(self, pixel_channels: int, query_dim: int, embed_dim: int, num_heads: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.pixel_conv = ConvBN(pixel_channels, query_dim, 3, act=True)
+        self.pixel_value = ConvBN(query_dim, query_dim, 3, std=query_dim**-0.5)
+        self.query_conv = ConvBN(query_dim, query_dim, 1, act=True)
+        self.head = AssignmentHead(query_dim, query_dim, embed_dim)
+        self.kmeans_norm = _batch_norm(1, query_dim)
+        self.kmeans_proj = ConvBN(query_dim, query_dim, 1, gamma=0.0)
+        self.attention = QueryAttention(query_dim, embed_dim, num_heads)
+        self.ffn1 = ConvBN(query_dim, ffn_dim, 1, act=True)
+        self.ffn2 = ConvBN(ffn_dim, query_dim, 1, gamma=0.0)
+
+    def forward(self, pixels: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update centres ``z`` (B×C×N) from ``pixels`` (B×C_in×x×y×z); returns (z, affinity M B×N×x×y×z)."""
+        xp = self.pixel_conv(F.gelu(pixels))  # B×C×x×y×z
+        vp = self.pixel_value(xp)  # B×C×x×y×z
+        u = self.query_conv(z)  # B×C×N
+        m = self.head(xp, u)  # B×N×x×y×z, fp32
+        index = hard_assignment(m).flatten(1)  # B×V
+        with fp32_island(z.device):
+            r = self.kmeans_norm(kmeans_update(vp.flatten(2), index, z.shape[2]))  # B×C×N
+        z = z + self.kmeans_proj(r)
+        z = F.gelu(z + self.attention(u))
+        return F.gelu(z + self.ffn2(self.ffn1(z))), m

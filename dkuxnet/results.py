@@ -1,0 +1,317 @@
+"""Results with provenance, the paper's numbers as data, and "ours beside the paper" tables.
+
+Two kinds of records never mix:
+
+* the paper's Table 1 (ablation) and Table 2 (main comparison), shipped as
+  ``dkuxnet/paper_results.json``; every record has ``"source": "reported by the paper"``;
+* our run results, one JSON file per run (schema ``dkuxnet-result-v1``, documented in
+  ``results/README.md``), with ``"source": "this repository"`` and every field needed to say where the
+  number came from: git commit, preset and full config, labeled count, seed, iterations and whether the
+  schedule was shortened, device, torch version, wall time, date, evaluation mode.
+
+Dice / Jaccard are fractions in our files (as medpy returns them) and percent in the paper's;
+:func:`comparison_table` shows both in percent. Distances are in voxels in both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dkuxnet.config import Config, get_preset
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SCHEMA = "dkuxnet-result-v1"
+PAPER_SOURCE = "reported by the paper"
+OUR_SOURCE = "this repository"
+EVAL_MODES = ("protocol", "fast")
+TABLE_METRICS = ("dice", "jaccard", "hd95", "asd")
+ABLATION_ROWS = {"seg": "L_seg", "qdc": "L_seg + L_qdc", "segc": "L_seg + L_segc", "all": "L_seg + L_qdc + L_segc"}
+REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
+    "schema": (str,),
+    "source": (str,),
+    "git_commit": (str,),
+    "preset": (str,),
+    "config": (dict,),
+    "label_ratio": (float, int, type(None)),
+    "labeled_num": (int,),
+    "seed": (int,),
+    "iterations": (int,),
+    "schedule": (str,),
+    "device": (str,),
+    "torch_version": (str,),
+    "wall_time_s": (float, int),
+    "date": (str,),
+    "eval_mode": (str,),
+    "metrics": (dict,),
+    "n_cases": (int,),
+    "n_failed": (int,),
+}
+_SHORTENED = re.compile(r"^shortened: (\d+) of (\d+) iterations$")
+
+
+def paper_results(table: str | None = None) -> list[dict[str, Any]]:
+    """Records of the paper's tables (``table`` = ``"main"``, ``"ablation"`` or ``None`` for both)."""
+    if table not in (None, "main", "ablation"):
+        raise ValueError(f"table must be 'main', 'ablation' or None, got {table!r}")
+    doc = json.loads(resources.files("dkuxnet").joinpath("paper_results.json").read_text(encoding="utf-8"))
+    return [r for r in doc["records"] if table is None or r["table"] == table]
+
+
+def schedule_label(iterations: int, preset: str) -> str:
+    """``"full"`` when ``iterations`` reaches the preset's schedule, else ``"shortened: N of M iterations"``."""
+    full = get_preset(preset).train.max_iterations
+    return "full" if iterations >= full else f"shortened: {iterations} of {full} iterations"
+
+
+def validate_result(d: dict[str, Any]) -> None:
+    """Check a run result against schema ``dkuxnet-result-v1``.
+
+    Raises:
+        ValueError: naming the first missing or wrong field.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"a result must be a dict, got {type(d).__name__}")
+    for name, types in REQUIRED_FIELDS.items():
+        if name not in d:
+            raise ValueError(f"result is missing required provenance field {name!r}")
+        value = d[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"result field {name!r} has type {type(value).__name__}; expected {types}")
+    if d["schema"] != SCHEMA:
+        raise ValueError(f"result field 'schema' must be {SCHEMA!r}, got {d['schema']!r}")
+    if d["source"] != OUR_SOURCE:
+        raise ValueError(f"result field 'source' must be {OUR_SOURCE!r} (paper numbers live in paper_results.json)")
+    if not d["git_commit"]:
+        raise ValueError("result field 'git_commit' is empty")
+    try:
+        cfg = Config.from_dict(d["config"])
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"result field 'config' is not a valid config: {exc}") from exc
+    if cfg.preset != d["preset"] or cfg.train.seed != d["seed"]:
+        raise ValueError("result fields 'preset' / 'seed' disagree with 'config'")
+    if d["eval_mode"] not in EVAL_MODES:
+        raise ValueError(f"result field 'eval_mode' must be one of {EVAL_MODES}, got {d['eval_mode']!r}")
+    _check_schedule(d["schedule"], d["iterations"])
+    for m in TABLE_METRICS:
+        entry = d["metrics"].get(m)
+        if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
+            raise ValueError(f"result field 'metrics' needs {{'mean', 'std'}} for {m!r}")
+
+
+def build_result(
+    summary: dict[str, Any],
+    *,
+    wall_time_s: float | None = None,
+    device: str | None = None,
+    name: str | None = None,
+    notes: str | None = None,
+) -> dict[str, Any]:
+    """Turn an ``evaluate_checkpoint`` summary into a validated run result.
+
+    Training provenance comes from the checkpoint's ``provenance`` (keys ``commit`` or ``git_commit``,
+    ``device``, ``torch`` or ``torch_version``, ``wall_s``), falling back to the evaluation's own values;
+    the arguments override.
+
+    Args:
+        summary: dict returned by :func:`dkuxnet.evaluate.evaluate_checkpoint`.
+        wall_time_s: training wall time in seconds (required unless the checkpoint recorded ``wall_s``).
+        device: training device name.
+        name: optional short name of the run.
+        notes: optional free text.
+
+    Raises:
+        ValueError: the training wall time is unknown, or the result does not validate.
+    """
+    prov = summary.get("provenance") or {}
+    cfg = summary["config"]
+    wall = wall_time_s if wall_time_s is not None else prov.get("wall_s", prov.get("wall_time_s"))
+    if wall is None:
+        raise ValueError("wall_time_s is required: the checkpoint's provenance has no 'wall_s'")
+    result = {
+        "schema": SCHEMA,
+        "source": OUR_SOURCE,
+        "name": name,
+        "git_commit": prov.get("commit") or prov.get("git_commit") or summary.get("git_commit") or "unknown",
+        "preset": cfg["preset"],
+        "ablation": cfg["loss"]["ablation"],
+        "config": cfg,
+        "label_ratio": cfg["data"]["label_ratio"],
+        "labeled_num": summary.get("labeled_num") or cfg["data"]["labeled_num"],
+        "seed": cfg["train"]["seed"],
+        "iterations": summary["iteration"],
+        "schedule": schedule_label(summary["iteration"], cfg["preset"]),
+        "device": device or prov.get("device") or summary["device"],
+        "torch_version": str(prov.get("torch") or prov.get("torch_version") or summary["torch_version"]),
+        "wall_time_s": float(wall),
+        "date": summary["date"],
+        "eval_mode": summary["mode"],
+        "eval_device": summary["device"],
+        "eval_seconds_per_volume": summary["seconds_per_volume"],
+        "metrics": summary["metrics"],
+        "n_cases": summary["n_cases"],
+        "n_failed": summary["n_failed"],
+        "lcc": summary.get("lcc"),
+        "notes": notes,
+    }
+    validate_result(result)
+    return result
+
+
+def save_result(path: Path, d: dict[str, Any]) -> None:
+    """Validate ``d`` and write it as JSON atomically (NaN written as ``null``)."""
+    validate_result(d)
+    write_json(Path(path), d)
+
+
+def load_results(folder: Path) -> list[dict[str, Any]]:
+    """All run results (``*.json``, recursively, sorted by path) of ``folder``, each validated.
+
+    Raises:
+        ValueError: naming the file that is not a valid result.
+        FileNotFoundError: ``folder`` does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"results folder {folder} does not exist")
+    out = []
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            validate_result(d)
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+        out.append(d)
+    return out
+
+
+def comparison_table(ours: list[dict[str, Any]], table: str = "main") -> pd.DataFrame:
+    """Our results beside the paper's (Dice / Jaccard in %, distances in voxels).
+
+    Every row says its ``source``; our rows carry a ``run`` label with preset, seed, iterations
+    (shortened schedules say so), device and evaluation mode. The ablation table shows only DKUXNet
+    runs, labelled by their loss ablation.
+
+    Args:
+        ours: validated run results (e.g. from :func:`load_results`).
+        table: ``"main"`` (paper Table 2) or ``"ablation"`` (paper Table 1).
+
+    Returns:
+        DataFrame with columns ``source, method, labeled, label_ratio, dice, jaccard, hd95, asd,
+        dice_std, n_failed, run, note``, sorted by labeled count, paper rows first.
+    """
+    import pandas as pd
+
+    if table not in ("main", "ablation"):
+        raise ValueError(f"table must be 'main' or 'ablation', got {table!r}")
+    rows = [
+        {"source": r["source"], "method": r["method"], "labeled": r["labeled"], "label_ratio": r["label_ratio"],
+         **{m: r[m] for m in TABLE_METRICS}, "dice_std": math.nan, "n_failed": None, "run": "",
+         "note": r.get("note", "")}
+        for r in paper_results(table)
+    ]
+    for r in ours:
+        validate_result(r)
+        arch = r["config"]["model"]["arch"]
+        if table == "ablation" and arch != "dkuxnet":
+            continue
+        scale = {"dice": 100.0, "jaccard": 100.0, "hd95": 1.0, "asd": 1.0}
+        rows.append({
+            "source": OUR_SOURCE,
+            "method": ABLATION_ROWS[r["config"]["loss"]["ablation"]] if table == "ablation"
+            else ("DKUXNet" if arch == "dkuxnet" else "V-Net"),
+            "labeled": r["labeled_num"], "label_ratio": r["label_ratio"],
+            **{m: _num(r["metrics"][m]["mean"]) * scale[m] for m in TABLE_METRICS},
+            "dice_std": _num(r["metrics"]["dice"]["std"]) * 100.0,
+            "n_failed": r["n_failed"], "run": run_label(r), "note": r.get("notes") or "",
+        })
+    df = pd.DataFrame(rows)
+    df["_paper_first"] = (df["source"] != PAPER_SOURCE).astype(int)
+    df = df.sort_values(["labeled", "_paper_first"], kind="stable").drop(columns="_paper_first")
+    return df.reset_index(drop=True)
+
+
+def run_label(r: dict[str, Any]) -> str:
+    """Short provenance label of one of our runs, e.g. ``preset=paper seed=1337 15000 it (full) …``."""
+    sched = f"{r['iterations']} it (full)" if r["schedule"] == "full" else r["schedule"]
+    return f"preset={r['preset']} seed={r['seed']} {sched} on {r['device']}, eval={r['eval_mode']}"
+
+
+def git_commit(folder: Path | None = None) -> str | None:
+    """HEAD commit of the repository holding ``folder`` (default: this package), ``+dirty`` when tracked
+    files are modified, or ``None`` outside a git checkout."""
+    where = str(folder or Path(__file__).resolve().parent)
+    try:
+        head = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+def device_name(device: Any) -> str:
+    """Human-readable device: the CUDA card's name, or ``cpu (<machine>)``."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{dev.type} ({platform.processor() or platform.machine()})"
+
+
+def to_json_safe(x: Any) -> Any:
+    """Copy of ``x`` with NaN / ±inf floats as ``None`` and tuples as lists (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): to_json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write strict JSON atomically (temporary file in the same folder, fsync, :func:`os.replace`)."""
+    write_text_atomic(Path(path), json.dumps(to_json_safe(obj), indent=1, allow_nan=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically; creates the parent folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _num(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _check_schedule(schedule: str, iterations: int) -> None:
+    if schedule == "full":
+        return
+    m = _SHORTENED.match(schedule)
+    if not m:
+        raise ValueError(f"result field 'schedule' must be 'full' or 'shortened: N of M iterations', got {schedule!r}")
+    n, total = int(m.group(1)), int(m.group(2))
+    if n != iterations or n >= total:
+        raise ValueError(f"result field 'schedule' {schedule!r} disagrees with iterations={iterations}")

@@ -1,0 +1,36 @@
+"""Benchmark: documented keys, positive numbers, JSON file; peak table and volume scaling."""
+
+from __future__ import annotations
+
+import json
+
+from dkuxnet.bench import LA_PATCH, LA_TEST_SHAPE, peak_tflops, run_bench, scaled_shape
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert peak_tflops("NVIDIA L4") == 121.0 and peak_tflops("NVIDIA L40S") == 362.0
+    assert peak_tflops("Tesla T4") == 65.0 and peak_tflops("Some Other GPU") is None
+
+
+def test_scaled_shape():
+    assert scaled_shape(LA_PATCH) == LA_TEST_SHAPE
+    assert scaled_shape((56, 56, 40)) == (88, 66, 44)
+
+
+def test_run_bench_cpu_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    small = {"data.patch_size": [32, 32, 16]}
+    result = run_bench(presets=["tiny"], device="cpu", out=out, steps=2, warmup=1, overrides=small)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert {"device", "torch", "cuda", "cudnn", "commit", "date", "steps", "warmup", "data", "presets"} <= set(result)
+    assert result["steps"] == 2 and result["warmup"] == 1 and result["device_type"] == "cpu"
+    tiny = result["presets"]["tiny"]
+    assert tiny["patch"] == [32, 32, 16] and result["overrides"] == small
+    assert tiny["batch"] == {"views": 2, "labeled": 2, "unlabeled": 2, "volumes": 8}
+    assert len(tiny["ms_steps"]) == 2
+    for key in ("ms_per_step", "tflop_per_step", "tflops_achieved", "infer_s_per_volume"):
+        assert tiny[key] > 0, key
+    assert tiny["infer_volume_shape"] == list(scaled_shape(tuple(tiny["patch"])))
+    assert tiny["infer_windows"] > 1 and tiny["peak_gib"] is None and tiny["mfu"] is None

@@ -1,0 +1,228 @@
+"""The book: configuration, table of contents, prose that names real code, and the built HTML.
+
+The source checks always run. The checks of the built site need ``make book`` first (they skip with
+a reason when ``_build/html/index.html`` does not exist); the screenshot check also needs a
+``chromium`` binary (``apt-get install chromium``) and skips without one. ``.ci/run`` installs
+chromium and runs the suite after ``make book``, so in CI all of them run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image
+import numpy as np
+import pytest
+import yaml
+
+from dkuxnet.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+BOOK_PAGES = sorted((ROOT / "book").glob("*.md"))
+PLOTLY_PAGES = ("notebooks/01_data.html", "notebooks/06_visualize.html")
+WIDGET_PAGE = "notebooks/01_data.html"
+SCREENSHOT_PAGE = "notebooks/06_visualize.html"
+
+
+def _yaml(name: str) -> dict[str, Any]:
+    return yaml.safe_load((ROOT / name).read_text(encoding="utf-8"))
+
+
+def _toc_files(node: Any) -> list[str]:
+    files: list[str] = []
+    if isinstance(node, dict):
+        for key in ("root", "file"):
+            if key in node:
+                files.append(node[key])
+        for key in ("parts", "chapters", "sections"):
+            for child in node.get(key, []):
+                files.extend(_toc_files(child))
+    return files
+
+
+TOC = _toc_files(_yaml("_toc.yml"))
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line and not line.startswith("-"):
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", TOC)
+def test_toc_entry_exists(entry: str) -> None:
+    md = (ROOT / entry).with_suffix(".md")
+    py, ipynb = (ROOT / entry).with_suffix(".py"), (ROOT / entry).with_suffix(".ipynb")
+    assert md.exists() or (py.exists() and ipynb.exists()), (
+        f"_toc.yml entry {entry!r} has neither {entry}.md nor the pair {entry}.py + {entry}.ipynb"
+    )
+
+
+def test_every_page_is_in_the_toc() -> None:
+    pages = {f"book/{p.stem}" for p in BOOK_PAGES} | {f"notebooks/{p.stem}" for p in (ROOT / "notebooks").glob("*.py")}
+    assert not pages - set(TOC), f"pages missing from _toc.yml (the build ignores them): {sorted(pages - set(TOC))}"
+
+
+def test_config_is_the_offline_recipe() -> None:
+    cfg = _yaml("_config.yml")
+    assert cfg["execute"]["execute_notebooks"] == "off"  # a string, not YAML's boolean false
+    sphinx = cfg["sphinx"]["config"]
+    assert sphinx["html_static_path"] == ["_vendor"]
+    assert sphinx["html_js_files"] == ["plotly.min.js"]
+    assert set(sphinx["nb_ipywidgets_js"]) == {"require.js", "widgets/embed-amd.js"}
+    assert cfg["launch_buttons"]["binderhub_url"] and cfg["launch_buttons"]["colab_url"]
+    assert not (ROOT / "_static").exists(), "a top-level _static/ makes JB1 inject every .js in it (tooling.md §5.7)"
+    for bib in cfg.get("bibtex_bibfiles", []):
+        assert (ROOT / bib).exists(), f"bibtex file {bib} is missing"
+
+
+def test_addresses_are_consistent() -> None:
+    cfg = _yaml("_config.yml")
+    repo_url = cfg["repository"]["url"].rstrip("/")
+    org_repo = repo_url.removeprefix("https://github.com/")
+    site = cfg["html"]["baseurl"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    workflow = (ROOT / ".github" / "workflows" / "book.yml").read_text(encoding="utf-8")
+    assert repo_url in readme and site in readme
+    assert f"mybinder.org/v2/gh/{org_repo}/" in readme
+    assert f"colab.research.google.com/github/{org_repo}/" in readme
+    assert site in workflow and "_build/html" in workflow
+
+
+def test_binder_pins_match_requirements() -> None:
+    ours = _pins(ROOT / "requirements.txt")
+    binder = _pins(ROOT / "binder" / "requirements.txt")
+    book_only = {"jupyter-book", "pytest"}
+    assert binder == {k: v for k, v in ours.items() if k not in book_only}
+
+
+def _resolve(dotted: str) -> Any:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+CODE_NAMES = sorted({m for p in BOOK_PAGES for m in re.findall(r"`(dkuxnet(?:\.\w+)+)`", p.read_text(encoding="utf-8"))})
+
+
+@pytest.mark.parametrize("name", CODE_NAMES)
+def test_prose_names_real_code(name: str) -> None:
+    try:
+        _resolve(name)
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(f"book/*.md names `{name}`, which does not exist: {exc}")
+
+
+def test_prose_names_real_config_fields() -> None:
+    fields = {f"{section}.{name}" for section, sub in Config().to_dict().items() if isinstance(sub, dict) for name in sub}
+    pattern = r"`((?:model|loss|data|train)\.\w+)`"
+    named = {m for p in BOOK_PAGES for m in re.findall(pattern, p.read_text(encoding="utf-8"))} - {"train.list"}
+    assert named, "expected config fields named on the prose pages (decisions.md)"
+    assert not named - fields, f"book/*.md names config fields that do not exist: {sorted(named - fields)}"
+
+
+# --- the built site ------------------------------------------------------------------------------
+
+built = pytest.mark.skipif(not (HTML / "index.html").exists(), reason="no built book: run `make book` first")
+
+
+def _page(rel: str) -> str:
+    path = HTML / rel
+    assert path.exists(), f"{rel} was not built"
+    return path.read_text(encoding="utf-8")
+
+
+@built
+@pytest.mark.parametrize("entry", TOC)
+def test_built_page_exists(entry: str) -> None:
+    assert (HTML / f"{entry}.html").exists()
+
+
+@built
+def test_vendored_js_is_served_by_the_book() -> None:
+    assert (HTML / "_static" / "plotly.min.js").stat().st_size > 1_000_000
+    assert (HTML / "_static" / "require.js").exists()
+    assert (HTML / "_static" / "widgets" / "embed-amd.js").exists()
+
+
+@built
+@pytest.mark.parametrize("rel", PLOTLY_PAGES)
+def test_plotly_figures_render_from_local_plotly(rel: str) -> None:
+    html = _page(rel)
+    assert "Plotly.newPlot" in html and "plotly-graph-div" in html, f"{rel} has no plotly figure"
+    # notebook_connected also emits a cdn.plot.ly loader, which fails quietly offline; the figure
+    # must not depend on it, so the page must load the book's own copy.
+    assert re.search(r'<script src="[./]*_static/plotly\.min\.js', html), f"{rel} does not load _static/plotly.min.js"
+
+
+@built
+def test_widget_state_is_embedded_with_local_manager() -> None:
+    html = _page(WIDGET_PAGE)
+    assert "application/vnd.jupyter.widget-state+json" in html, "no saved widget state"
+    assert "application/vnd.jupyter.widget-view+json" in html, "no widget view"
+    assert re.search(r'src="[./]*_static/widgets/embed-amd\.js', html), "widget manager not loaded from _static"
+    assert re.search(r'src="[./]*_static/require\.js', html), "require.js not loaded from _static"
+
+
+@built
+@pytest.mark.parametrize("entry", [e for e in TOC if e.startswith("notebooks/")])
+def test_notebook_pages_have_no_errors_and_launch_links(entry: str) -> None:
+    html = _page(f"{entry}.html")
+    assert "output traceback" not in html, f"{entry} shows an error output"
+    assert f"{entry}.ipynb" in html and "mybinder.org" in html and "colab.research.google.com" in html
+
+
+def _coloured_fraction(png: Path, window: int = 200) -> float:
+    """Largest share of clearly coloured pixels (max - min channel > 0.15) in any window×window square."""
+    img = matplotlib.image.imread(png)[..., :3].astype(np.float64)
+    coloured = (img.max(axis=-1) - img.min(axis=-1)) > 0.15
+    ii = np.pad(coloured.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sums = ii[window:, window:] - ii[:-window, window:] - ii[window:, :-window] + ii[:-window, :-window]
+    return float(sums.max()) / window**2
+
+
+def test_coloured_fraction_tells_a_figure_from_text(tmp_path: Path) -> None:
+    white = np.ones((400, 400, 3))
+    figure = white.copy()
+    figure[100:350, 100:350] = (0.86, 0.08, 0.24)  # a 250-pixel crimson square
+    matplotlib.image.imsave(tmp_path / "white.png", white)
+    matplotlib.image.imsave(tmp_path / "figure.png", figure)
+    assert _coloured_fraction(tmp_path / "white.png") == 0.0
+    assert _coloured_fraction(tmp_path / "figure.png") == 1.0
+
+
+@built
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install chromium)")
+def test_screenshot_shows_the_3d_figure(tmp_path: Path) -> None:
+    png = tmp_path / "page.png"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools" / "screenshot.sh"), str(HTML), SCREENSHOT_PAGE, str(png)],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dom = png.with_suffix(".dom.html").read_text(encoding="utf-8", errors="replace")
+    assert "main-svg" in dom, "plotly did not draw (no main-svg in the rendered DOM): is plotly.js loaded?"
+    share = _coloured_fraction(png)
+    assert share > 0.4, f"no coloured figure region in the screenshot (best 200x200 square: {share:.0%} coloured)"

@@ -1,0 +1,176 @@
+"""End-to-end evaluation of a tiny checkpoint on a small phantom; results schema, paper data, tables."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dkuxnet.checkpoint import checkpoint_state, save_checkpoint
+from dkuxnet.config import get_preset
+from dkuxnet.data.la import read_case, read_list
+from dkuxnet.data.phantom import make_phantom
+from dkuxnet.evaluate import evaluate_checkpoint
+from dkuxnet.metrics import case_metrics
+from dkuxnet.models import create_model
+from dkuxnet.results import (
+    PAPER_SOURCE,
+    build_result,
+    comparison_table,
+    load_results,
+    paper_results,
+    save_result,
+    schedule_label,
+    validate_result,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 5-case phantom with volumes about the tiny patch (48×48×32) and a saved tiny-preset checkpoint."""
+    root = tmp_path_factory.mktemp("eval")
+    data = make_phantom(root / "data", cases=5, shape=(48, 48, 32))  # 4 train + 1 test case
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").override(**{"data.labeled_num": 2, "train.max_iterations": 10})
+    ckpt = root / "last.pt"
+    prov = {"commit": "0123abc", "device": "test-cpu", "torch": torch.__version__, "wall_s": 3.5}  # as train.py writes
+    save_checkpoint(ckpt, checkpoint_state(create_model(cfg), cfg, 10, provenance=prov))
+    return root, data, ckpt, cfg
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup):
+    root, data, ckpt, _ = setup
+    return {mode: evaluate_checkpoint(ckpt, data, root / mode, mode=mode, device="cpu", lcc=mode == "protocol",
+                                      progress=False, save_predictions=1)
+            for mode in ("fast", "protocol")}
+
+
+@pytest.mark.parametrize("mode", ["fast", "protocol"])
+def test_evaluate_checkpoint_writes_outputs(setup, evaluated, mode):
+    root, data, ckpt, cfg = setup
+    summary = evaluated[mode]
+    out = root / mode
+    ids = read_list(data / "test.list")
+    df = pd.read_csv(out / "per_case.csv")
+    assert list(df["case"]) == ids
+    assert {"dice", "jaccard", "hd95", "asd", "assd", "hd95_mm", "failed", "hd95_legacy", "seconds"} <= set(df)
+    assert (("dice_lcc" in df) and ("failed_lcc" in df)) == (mode == "protocol")
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["mode"] == mode and on_disk["n_cases"] == len(ids) == summary["n_cases"]
+    assert on_disk["iteration"] == 10 and on_disk["config"] == cfg.to_dict()
+    assert on_disk["window"]["patch"] == [48, 48, 32]
+    assert on_disk["provenance"]["commit"] == "0123abc" and on_disk["labeled_num"] == 2
+    assert on_disk["torch_version"] == torch.__version__ and on_disk["date"] and on_disk["device"].startswith("cpu")
+    assert on_disk["metrics"]["dice"]["mean"] == pytest.approx(df["dice"].mean())
+    pred = np.load(out / "predictions" / f"{ids[0]}.npz")["pred"]
+    _, label = read_case(data, ids[0])
+    assert pred.dtype == np.uint8 and pred.shape == label.shape
+    assert case_metrics(pred, label)["dice"] == pytest.approx(df["dice"].iloc[0])
+
+
+def test_evaluate_rejects_unknown_mode(setup):
+    root, data, ckpt, _ = setup
+    with pytest.raises(ValueError, match="mode"):
+        evaluate_checkpoint(ckpt, data, root / "x", mode="slow", progress=False)
+
+
+def _result(evaluated):
+    return build_result(evaluated["protocol"], name="tiny-test")
+
+
+def test_result_round_trip(tmp_path, evaluated):
+    r = _result(evaluated)
+    assert r["wall_time_s"] == 3.5 and r["device"] == "test-cpu" and r["git_commit"] == "0123abc"
+    assert r["torch_version"] == str(torch.__version__)
+    assert r["schedule"] == "shortened: 10 of 40 iterations" and r["labeled_num"] == 2 and r["eval_mode"] == "protocol"
+    save_result(tmp_path / "runs" / "tiny.json", r)
+    (loaded,) = load_results(tmp_path / "runs")
+    validate_result(loaded)
+    expected = json.loads(json.dumps(r, allow_nan=True).replace("NaN", "null"))
+    assert loaded == expected
+
+
+@pytest.mark.parametrize("field", ["git_commit", "config", "seed", "schedule", "device", "torch_version",
+                                   "wall_time_s", "date", "metrics", "n_failed", "eval_mode", "labeled_num"])
+def test_missing_provenance_field_is_a_clear_error(evaluated, tmp_path, field):
+    r = _result(evaluated)
+    del r[field]
+    with pytest.raises(ValueError, match=field):
+        validate_result(r)
+    with pytest.raises(ValueError, match=field):
+        save_result(tmp_path / "r.json", r)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_validation_catches_inconsistencies(evaluated):
+    r = _result(evaluated)
+    for change, word in [({"source": PAPER_SOURCE}, "source"), ({"schedule": "shortened: 5 of 40 iterations"},
+                                                                "schedule"), ({"seed": 1}, "seed"),
+                         ({"eval_mode": "slow"}, "eval_mode"), ({"iterations": True}, "iterations")]:
+        bad = {**copy.deepcopy(r), **change}
+        with pytest.raises(ValueError, match=word):
+            validate_result(bad)
+
+
+def test_build_result_needs_wall_time(evaluated):
+    summary = {**evaluated["fast"], "provenance": {}}
+    with pytest.raises(ValueError, match="wall_time_s"):
+        build_result(summary)
+    assert build_result(summary, wall_time_s=2.0)["device"] == summary["device"]
+
+
+def test_schedule_label():
+    full = get_preset("paper").train.max_iterations
+    assert schedule_label(full, "paper") == "full"
+    assert schedule_label(100, "paper") == f"shortened: 100 of {full} iterations"
+
+
+def test_load_results_names_bad_file(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"schema": "dkuxnet-result-v1"}))
+    with pytest.raises(ValueError, match="bad.json"):
+        load_results(tmp_path)
+
+
+def test_paper_records_are_labelled_and_match_method_targets():
+    records = paper_results()
+    assert records and all(r["source"] == PAPER_SOURCE for r in records)
+    main = {(r["method"], r["labeled"]): r for r in paper_results("main")}
+    assert [main[("DKUXNet", n)]["dice"] for n in (4, 8, 16, 80)] == [85.96, 90.41, 91.70, 92.62]
+    assert main[("V-Net", 80)]["hd95"] == 8.58
+    ablation = [(r["ablation"], r["dice"], r["jaccard"], r["hd95"], r["asd"]) for r in paper_results("ablation")]
+    assert ablation == [("seg", 77.73, 64.42, 16.86, 3.92), ("qdc", 82.12, 70.16, 23.63, 5.99),
+                        ("segc", 85.52, 75.49, 14.90, 3.73), ("all", 90.41, 82.69, 7.32, 1.71)]
+    for r in records:  # mean Jaccard ≥ J(mean Dice) (protocol.md §2.4) up to rounding
+        d = r["dice"] / 100
+        assert r["jaccard"] / 100 >= d / (2 - d) - 1e-3
+
+
+def test_comparison_tables(evaluated):
+    ours = _result(evaluated)
+    full = {**copy.deepcopy(ours), "iterations": 40, "schedule": schedule_label(40, "tiny")}
+    main = comparison_table([ours, full], "main")
+    mine = main[main["source"] == "this repository"]
+    assert len(mine) == 2 and set(main["source"]) == {PAPER_SOURCE, "this repository"}
+    assert mine["dice"].iloc[0] == pytest.approx(100 * ours["metrics"]["dice"]["mean"])
+    assert "preset=tiny" in mine["run"].iloc[0] and "test-cpu" in mine["run"].iloc[0]
+    assert "shortened: 10 of 40 iterations" in mine["run"].iloc[0] and "40 it (full)" in mine["run"].iloc[1]
+    assert len(main) == len(paper_results("main")) + 2 and main["labeled"].is_monotonic_increasing
+    ablation = comparison_table([ours], "ablation")
+    assert list(ablation["method"])[-1] == "L_seg + L_qdc + L_segc"
+    assert len(comparison_table([], "ablation")) == 4
+    with pytest.raises(ValueError, match="table"):
+        comparison_table([], "other")
+    assert main.loc[main["source"] == PAPER_SOURCE, "dice_std"].isna().all()
+    assert not math.isnan(mine["dice_std"].iloc[0])
+
+
+def test_git_commit_outside_a_repository_is_none(tmp_path):
+    from dkuxnet.results import git_commit
+
+    assert git_commit(tmp_path) is None

@@ -1,0 +1,241 @@
+"""Tests of dkuxnet.models: shapes, probabilities, k-means maths, gradients, counts, precision, checkpointing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import UnetResBlock, UnetrUpBlock
+
+from dkuxnet.config import ModelConfig, get_preset
+from dkuxnet.models import DKUXNet, ModelOutput, VNet, create_model, hard_assignment, kmeans_update, model_info
+from dkuxnet.models.blocks import LayerNorm3d, ResBlock3d, UpBlock3d
+
+SHAPE = (32, 16, 16)  # small patch the 4-stage tiny model accepts (bottleneck grid 2×1×1)
+
+
+def _tiny(**changes) -> ModelConfig:
+    return dataclasses.replace(get_preset("tiny").model, **changes)
+
+
+def _model(seed: int = 0, **changes) -> DKUXNet:
+    torch.manual_seed(seed)
+    return create_model(_tiny(**changes))
+
+
+def _input(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 1, *SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _label(batch: int = 2, seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, 2, (batch, *SHAPE), generator=torch.Generator().manual_seed(seed))
+
+
+def _group_nll(logits: torch.Tensor, groups: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Local QD-like loss: −mean log Σ_{n∈g(v)} softmax_N(logits)[n, v]."""
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    merged = torch.cat([torch.logsumexp(p, dim=1, keepdim=True) for p in logits.split(sizes, dim=1)], 1) - lse
+    return F.nll_loss(merged, groups)
+
+
+def _loss(out: ModelOutput, label: torch.Tensor, sizes: tuple[int, ...], deep_supervision: bool) -> torch.Tensor:
+    groups = label.clamp(max=len(sizes) - 1)
+    loss = F.cross_entropy(out.seg_logits, label) + _group_nll(out.query_logits, groups, sizes)
+    if deep_supervision:
+        for m in out.aux:
+            small = F.interpolate(groups[:, None].float(), size=m.shape[2:], mode="nearest")[:, 0].long()
+            loss = loss + _group_nll(m, small, sizes) / len(out.aux)
+    return loss
+
+
+def test_output_shapes_tiny():
+    cfg = _tiny()
+    model = create_model(cfg)
+    out = model(_input())
+    n, b = cfg.num_queries, 2
+    assert out.seg_logits.shape == (b, cfg.num_classes, *SHAPE)
+    assert out.cluster_probs.shape == (b, len(cfg.query_groups), *SHAPE)
+    assert out.query_probs.shape == out.query_logits.shape == (b, n, *SHAPE)
+    assert model.group_sizes == cfg.query_groups
+    grids = [tuple(s // stride for s in SHAPE) for stride in (8, 8, 4, 4, 2, 2)]
+    assert [tuple(m.shape) for m in out.aux] == [(b, n, *g) for g in grids]
+
+
+def test_vnet_shapes_and_dropout():
+    torch.manual_seed(0)
+    model = create_model(get_preset("vnet"))
+    x = _input(batch=1)
+    out = model(x)
+    assert isinstance(model, VNet) and model.group_sizes == ()
+    assert out.seg_logits.shape == (1, 2, *SHAPE)
+    assert out.cluster_probs is None and out.query_probs is None and out.query_logits is None and out.aux == []
+    assert not torch.equal(out.seg_logits, model(x).seg_logits)  # Dropout3d active while training
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x).seg_logits, model(x).seg_logits)
+
+
+def test_probabilities_and_segmentation_formula():
+    model = _model()
+    centres = {}
+    model.mask_embed.register_forward_hook(lambda mod, args, out: centres.setdefault("z", args[0]))
+    out = model(_input())
+    s = out.query_probs
+    torch.testing.assert_close(s.sum(1), torch.ones_like(s[:, 0]))
+    torch.testing.assert_close(out.cluster_probs.sum(1), torch.ones_like(s[:, 0]))
+    torch.testing.assert_close(s, out.query_logits.softmax(1))
+    a, b = model.group_sizes[0], model.group_sizes[0] + model.group_sizes[1]
+    torch.testing.assert_close(out.cluster_probs[:, 1], s[:, a:b].sum(1))
+    phi = model.mlp(centres["z"].flatten(1)).view(2, model.num_queries, model.num_classes)  # B×N×K
+    expected = (phi[:, :, :, None, None, None] * s[:, :, None]).sum(1)  # Σ_n Φ[n, k] S[n, v]
+    torch.testing.assert_close(out.seg_logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hard_assignment_is_one_hot_without_gradient():
+    m = torch.randn(2, 5, 3, 4, 2, requires_grad=True)
+    index = hard_assignment(m * 2.0)
+    assert index.shape == (2, 3, 4, 2) and index.dtype == torch.int64 and not index.requires_grad
+    one_hot = F.one_hot(index, 5).movedim(-1, 1)  # B×N×…
+    assert torch.equal(one_hot.sum(1), torch.ones_like(index))
+    assert torch.equal(one_hot.bool(), m == m.amax(dim=1, keepdim=True))
+
+
+def test_kmeans_update_equals_dense_formula_and_empty_query_is_zero():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 6, 50, generator=gen, dtype=torch.float64).requires_grad_()
+    index = torch.randint(0, 7, (3, 50), generator=gen)
+    index[index == 4] = 5  # query 4 gets no voxel
+    r = kmeans_update(values, index, 7)  # B×C×N
+    one_hot = F.one_hot(index, 7).double()  # B×V×N
+    dense = torch.einsum("bvn,bcv->bcn", one_hot, values)
+    assert r.dtype == torch.float32 and r.shape == (3, 6, 7)
+    torch.testing.assert_close(r, dense.float())
+    assert torch.equal(r[:, :, 4], torch.zeros(3, 6))
+    weights = torch.randn(3, 6, 7, generator=gen)
+    (grad,) = torch.autograd.grad((r * weights).sum(), values)
+    (grad_dense,) = torch.autograd.grad((dense * weights.double()).sum(), values)
+    torch.testing.assert_close(grad, grad_dense)
+    with pytest.raises(ValueError, match="index"):
+        kmeans_update(values, index[:, :10], 7)
+
+
+def test_paper_every_parameter_gets_gradient_with_deep_supervision():
+    model = _model(kmax_scales=3)
+    _loss(model(_input()), _label(), model.group_sizes, deep_supervision=True).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    for layer in model.kmax:
+        assert all(p.grad.abs().sum() > 0 for p in layer.head.query_out.parameters())
+
+
+def test_official_assignment_heads_get_no_gradient():
+    model = _model(kmax_scales=2)
+    assert len(model.kmax) == 4
+    _loss(model(_input()), _label(), model.group_sizes, deep_supervision=False).backward()
+    heads = {f"kmax.{i}.head.{n}" for i, layer in enumerate(model.kmax) for n, _ in layer.head.named_parameters()}
+    no_grad = {name for name, p in model.named_parameters() if p.grad is None}
+    assert no_grad == heads
+
+
+def test_parameter_counts():
+    paper, official, vnet = model_info("paper"), model_info("official"), model_info("vnet")
+    assert paper["parameters"] == 65_217_790  # method.md §3.6
+    assert vnet["parameters"] == 9_448_866  # protocol.md §3 / MC-Net issue #14
+    assert official["parameters"] == 61_937_114
+    for info in (paper, official):
+        assert info["authors_dkunet"]["parameters"] == 65_503_397  # the authors' DKUNET class, method.md §3.6
+        assert sum(info["parts"].values()) == info["parameters"]
+    assert official["authors_dkunet"]["dead_parts_not_built"]["unused_kmax_layers"] == 3_297_124
+    assert paper["assignment_heads_trained"] and not official["assignment_heads_trained"]
+    assert sum(vnet["parts"].values()) == vnet["parameters"]
+
+
+def test_bf16_autocast_forward_is_finite_with_fp32_islands():
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(_input())
+    for t in (out.seg_logits, out.cluster_probs, out.query_probs, out.query_logits, *out.aux):
+        assert t.dtype == torch.float32 and torch.isfinite(t).all()
+    torch.testing.assert_close(out.query_probs.sum(1), torch.ones_like(out.query_probs[:, 0]))
+
+
+def test_checkpoint_activations_gives_identical_gradients_and_statistics():
+    plain = _model()
+    ckpt = _model(seed=5, checkpoint_activations=True)
+    ckpt.load_state_dict(plain.state_dict())
+    for model in (plain, ckpt):
+        _loss(model(_input()), _label(), model.group_sizes, deep_supervision=True).backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for (name, buf), other in zip(plain.named_buffers(), ckpt.buffers()):
+        assert torch.equal(buf, other), name  # running statistics updated once, not again in recomputation
+
+
+def test_channels_last_input_gives_same_output():
+    model = _model().eval()
+    x = _input()
+    with torch.no_grad():
+        a = model(x)
+        b = model(x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(a.seg_logits, b.seg_logits)
+    torch.testing.assert_close(a.query_probs, b.query_probs)
+
+
+def test_layernorm3d_equals_channels_first_formula():
+    norm = LayerNorm3d(6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 6, 3, 4, 5) * 3 + 1
+    mean = x.mean(1, keepdim=True)
+    var = (x - mean).pow(2).mean(1, keepdim=True)
+    expected = norm.weight[:, None, None, None] * (x - mean) / torch.sqrt(var + 1e-6) + norm.bias[:, None, None, None]
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_res_blocks_equal_monai_blocks():
+    torch.manual_seed(0)
+    ours, theirs = ResBlock3d(3, 5), UnetResBlock(3, 3, 5, kernel_size=3, stride=1, norm_name="instance")
+    theirs.load_state_dict({k.replace(".", ".conv."): v for k, v in ours.state_dict().items()})
+    x = torch.randn(2, 3, 6, 6, 4)
+    torch.testing.assert_close(ours(x), theirs(x))
+    up, monai_up = UpBlock3d(6, 3), UnetrUpBlock(3, 6, 3, 3, 2, "instance", res_block=True)
+    state = {"transp_conv.conv.weight": up.up.weight}
+    state |= {f"conv_block.{k.replace('.', '.conv.')}": v for k, v in up.block.state_dict().items()}
+    monai_up.load_state_dict(state)
+    h, skip = torch.randn(2, 6, 3, 3, 2), torch.randn(2, 3, 6, 6, 4)
+    torch.testing.assert_close(up(h, skip), monai_up(h, skip))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"query_groups": (4, 4, 15)}, "query_groups"),
+        ({"depths": (2, 2, 2)}, "widths and depths"),
+        ({"num_heads": 3}, "num_heads"),
+        ({"kmax_scales": 4}, "kmax_scales"),
+        ({"arch": "unet"}, "arch"),
+        ({"mlp_hidden": 0}, "mlp_hidden"),
+    ],
+)
+def test_invalid_configs_raise(changes, match):
+    with pytest.raises(ValueError, match=match):
+        create_model(_tiny(**changes))
+
+
+def test_invalid_input_shape_raises():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        _model()(torch.randn(1, 1, 32, 32, 24))
+
+
+def test_cli_model_info_prints_json():
+    done = subprocess.run(
+        [sys.executable, "-m", "dkuxnet", "model-info", "--preset", "paper"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["preset"] == "paper" and info["parameters"] == 65_217_790

@@ -1,0 +1,126 @@
+"""Tests of dkuxnet.reproduce: profile resolution, run planning, and one tiny papermill run (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dkuxnet.config import get_preset
+from dkuxnet.errors import DataError
+from dkuxnet.reproduce import NOTEBOOKS, plan_runs, prepare_data, reproduce, resolve_profile
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def test_smoke_profile_defaults():
+    s = resolve_profile("smoke", label_ratio=0.2, seed=3, device="cpu")
+    assert s.smoke and s.preset == "tiny" and s.max_iterations == 40
+    assert s.data_dir == Path("../_build/phantom")
+    assert s.run_dir == Path("../_build/runs/smoke-r0.2-s3")
+    assert "not comparable to the paper" in s.note and "CPU" in s.note
+    assert resolve_profile("smoke", device="cpu", notebook="ablation").max_iterations == 10
+
+
+def test_paper_profile_defaults_use_the_preset_schedule():
+    s = resolve_profile("paper", label_ratio=0.05, seed=1337, device="cuda")
+    assert not s.smoke and s.preset == "paper" and s.data_dir == Path("../data/LA")
+    assert s.max_iterations == 15000  # get_preset("paper").train.max_iterations
+    assert s.run_dir == Path("../runs/paper-r0.05-s1337")
+    assert resolve_profile("paper", preset="vnet", device="cpu").max_iterations == 6000
+
+
+def test_explicit_parameters_win():
+    s = resolve_profile("smoke", data_dir="/d", preset="vnet", max_iterations=7, run_dir="/r", device="cpu")
+    assert (s.data_dir, s.preset, s.max_iterations, s.run_dir) == (Path("/d"), "vnet", 7, Path("/r"))
+
+
+def test_settings_config_overrides_the_preset():
+    cfg = resolve_profile("smoke", label_ratio=0.05, seed=9, max_iterations=3, device="cpu").config(
+        **{"loss.ablation": "seg"}
+    )
+    assert cfg.preset == "tiny" and cfg.data.label_ratio == 0.05
+    assert cfg.train.max_iterations == 3 and cfg.train.seed == 9 and cfg.loss.ablation == "seg"
+    assert cfg.data.patch_size == (32, 32, 32) and (cfg.data.labeled_bs, cfg.data.unlabeled_bs) == (1, 1)
+    assert cfg.train.lr == 0.01
+    paper_tiny = resolve_profile("paper", preset="tiny", device="cpu").config()
+    assert paper_tiny.data == get_preset("tiny").data  # smoke changes only in the smoke profile
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"profile": "gpu"}, "profile"), ({"profile": "smoke", "label_ratio": 0.0}, "label_ratio"),
+     ({"profile": "smoke", "max_iterations": -1}, "max_iterations"),
+     ({"profile": "smoke", "notebook": "eval"}, "notebook")],
+)
+def test_bad_parameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_profile(**kwargs)
+
+
+def test_paper_profile_without_data_names_the_download_command(tmp_path):
+    s = resolve_profile("paper", data_dir=str(tmp_path / "LA"), device="cpu")
+    with pytest.raises(DataError, match="data download"):
+        prepare_data(s)
+
+
+def test_smoke_profile_writes_the_phantom_once(tmp_path):
+    pytest.importorskip("dkuxnet.data.phantom", exc_type=ImportError)
+    s = resolve_profile("smoke", data_dir=str(tmp_path / "ph"), device="cpu")
+    root = prepare_data(s, cases=5)
+    lines = (root / "train.list").read_text().split()
+    assert len(lines) == 4
+    stamp = (root / "train.list").stat().st_mtime_ns
+    prepare_data(s, cases=5)
+    assert (root / "train.list").stat().st_mtime_ns == stamp
+
+
+def test_plan_runs_paths_and_parameters(tmp_path):
+    runs = plan_runs("smoke", [0.05, 0.1], [1, 2], data_dir=tmp_path / "d", runs_dir=tmp_path / "runs",
+                     max_iterations=2, device="cpu")
+    assert [r.name for r in runs] == ["smoke-r0.05-s1", "smoke-r0.05-s2", "smoke-r0.1-s1", "smoke-r0.1-s2"]
+    p = runs[2].parameters
+    assert runs[2].run_dir == (tmp_path / "runs" / "smoke-r0.1-s1").resolve()
+    assert p == {"profile": "smoke", "label_ratio": 0.1, "seed": 1, "run_dir": str(runs[2].run_dir),
+                 "data_dir": str((tmp_path / "d").resolve()), "max_iterations": 2, "device": "cpu"}
+    assert plan_runs("paper", [0.2], [1])[0].parameters["data_dir"] == ""
+    with pytest.raises(ValueError, match="ratios"):
+        plan_runs("smoke", [], [1])
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_planned_parameters_exist_in_the_notebooks(name):
+    papermill = pytest.importorskip("papermill")
+    path = NOTEBOOKS_DIR / f"{name}.ipynb"
+    if not path.is_file():
+        pytest.skip(f"{path} not generated")
+    declared = papermill.inspect_notebook(str(path))
+    assert set(plan_runs("smoke", [0.1], [1])[0].parameters) <= set(declared)
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_end_to_end(tmp_path):
+    pytest.importorskip("papermill")
+    for module in ("dkuxnet.train", "dkuxnet.evaluate", "dkuxnet.data.phantom"):
+        pytest.importorskip(module, exc_type=ImportError)
+    records = reproduce("smoke", [0.1], [1], data_dir=tmp_path / "phantom", runs_dir=tmp_path / "runs",
+                        max_iterations=2, device="cpu", progress=False)
+    run_dir = tmp_path / "runs" / "smoke-r0.1-s1"
+    assert (run_dir / "03_train.ipynb").is_file() and (run_dir / "04_evaluate.ipynb").is_file()
+    assert (run_dir / "last.pt").is_file() and (run_dir / "eval" / "summary.json").is_file()
+    assert len(records) == 1 and records[0]["run"] == "smoke-r0.1-s1" and records[0]["label_ratio"] == 0.1
+    assert json.loads((tmp_path / "runs" / "summary.json").read_text()) == json.loads(json.dumps(records, default=str))
+
+
+def test_fresh_run_dir_only_clears_smoke_checkpoints(tmp_path):
+    from dkuxnet.reproduce import fresh_run_dir
+
+    (tmp_path / "last.pt").write_bytes(b"x")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    fresh_run_dir(tmp_path, smoke=False)
+    fresh_run_dir(tmp_path, smoke=True, resume=True)
+    assert (tmp_path / "last.pt").exists()
+    fresh_run_dir(tmp_path, smoke=True)
+    assert not (tmp_path / "last.pt").exists() and (tmp_path / "metrics.jsonl").exists()
+    assert fresh_run_dir(tmp_path / "new", smoke=True).is_dir()
