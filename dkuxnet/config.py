@@ -179,10 +179,10 @@ def get_preset(name: str) -> Config:
         return Config(
             preset="tiny",
             model=ModelConfig(
-                widths=(8, 16, 32, 64), hidden=64, num_queries=24, query_dim=32, embed_dim=16,
-                num_heads=2, ffn_dim=64, query_groups=(4, 4, 16), mlp_hidden=16,
+                widths=(4, 8, 16, 32), hidden=32, num_queries=12, query_dim=16, embed_dim=8,
+                num_heads=2, ffn_dim=32, query_groups=(4, 4, 4), mlp_hidden=8,
             ),
-            data=DataConfig(patch_size=(48, 48, 32)),
+            data=DataConfig(patch_size=(32, 32, 32)),
             train=TrainConfig(max_iterations=40, lr=1e-3, log_every=5, checkpoint_every=20),
         )
     if name == "vnet":

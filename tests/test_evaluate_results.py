@@ -32,9 +32,9 @@ from dkuxnet.results import (
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A 5-case phantom with volumes about the tiny patch (48×48×32) and a saved tiny-preset checkpoint."""
+    """A 5-case phantom with volumes a little larger than the tiny patch and a saved tiny-preset checkpoint."""
     root = tmp_path_factory.mktemp("eval")
-    data = make_phantom(root / "data", cases=5, shape=(48, 48, 32))  # 4 train + 1 test case
+    data = make_phantom(root / "data", cases=5, shape=(40, 40, 32))  # 4 train + 1 test case
     torch.manual_seed(0)
     cfg = get_preset("tiny").override(**{"data.labeled_num": 2, "train.max_iterations": 10})
     ckpt = root / "last.pt"
@@ -64,7 +64,7 @@ def test_evaluate_checkpoint_writes_outputs(setup, evaluated, mode):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["mode"] == mode and on_disk["n_cases"] == len(ids) == summary["n_cases"]
     assert on_disk["iteration"] == 10 and on_disk["config"] == cfg.to_dict()
-    assert on_disk["window"]["patch"] == [48, 48, 32]
+    assert on_disk["window"]["patch"] == list(cfg.data.patch_size)
     assert on_disk["provenance"]["commit"] == "0123abc" and on_disk["labeled_num"] == 2
     assert on_disk["torch_version"] == torch.__version__ and on_disk["date"] and on_disk["device"].startswith("cpu")
     assert on_disk["metrics"]["dice"]["mean"] == pytest.approx(df["dice"].mean())
