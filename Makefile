@@ -26,6 +26,9 @@ NBS     := $(sort $(wildcard notebooks/*.py))
 export PLOTLY_RENDERER ?= notebook_connected
 export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# OpenMP threads sleep instead of spinning while waiting: spinning made CPU steps up to 8x slower
+# whenever another process competed for the 2 cores.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 WIDGETS_MANAGER := @jupyter-widgets/html-manager@1.0.15
 REQUIREJS       := requirejs@2.3.8
@@ -66,7 +69,7 @@ vendor: $(VENDOR)/.stamp
 
 # notebooks/X.py (jupytext percent, the source) -> _build/stage/notebooks/X.ipynb -> papermill runs it
 # in place, with the kernel's working directory _build/stage/notebooks. Relative paths a notebook
-# writes (../data/phantom, ../runs/...) therefore land in the throw-away stage, never in the repo.
+# writes (../_build/phantom, ../_build/runs/...) therefore land in the throw-away stage, never in the repo.
 # Notebooks run in name order (01_ … 07_), so later ones may reuse what earlier ones wrote.
 execute: setup vendor
 	rm -rf $(STAGE) && mkdir -p $(STAGE)/notebooks
