@@ -32,7 +32,7 @@ from dkuxnet.config import Config, get_preset
 from dkuxnet.data import VolumeBank, make_split, read_case
 from dkuxnet.engine import (
     build_run, configure_backends, device_name, effective_unlabeled_bs, git_commit, resolve_device, train_step,
-    write_json_atomic,
+    write_json,
 )
 from dkuxnet.inference import predict_protocol, protocol_windows
 
@@ -209,5 +209,5 @@ def run_bench(
     }
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(out), result)
+        write_json(Path(out), result)
     return result

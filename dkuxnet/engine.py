@@ -19,12 +19,7 @@ Random streams (all explicit, all saved in checkpoints so a resumed run is bit-i
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import platform
-import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -33,7 +28,9 @@ from torch import Tensor, nn
 from dkuxnet.config import Config, TrainConfig
 from dkuxnet.data import TwoStreamSampler, VolumeBank, sample_patches, strong_view
 from dkuxnet.losses import semi_supervised_loss
+from dkuxnet.inference import resolve_device
 from dkuxnet.models import create_model
+from dkuxnet.results import device_name, git_commit, write_json
 
 CHECKPOINT_FORMAT = "dkuxnet-checkpoint-v1"
 
@@ -57,19 +54,6 @@ class Run:
     first_bad: Tensor | None = None  # first iteration (1-based) with a non-finite loss; -1 = none
     sums: dict[str, Tensor] = field(default_factory=dict)  # loss parts summed over the log window
     window: int = 0  # steps in the current log window
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` → ``cuda`` when available, else ``cpu``; a bad string raises ``ValueError``."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device: cannot parse {device!r} ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available")
-    return dev
 
 
 def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
@@ -245,32 +229,3 @@ def load_run_state(run: Run, ckpt: dict[str, Any]) -> None:
     run.step_count = torch.full((), run.iteration, dtype=torch.int64, device=run.device)
     run.first_bad = torch.full((), -1, dtype=torch.int64, device=run.device)
     run.sums, run.window = {}, 0
-
-
-def device_name(device: torch.device) -> str:
-    """``torch.cuda.get_device_name`` on CUDA, else the CPU's processor string."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def git_commit() -> str | None:
-    """Commit of the checkout ``dkuxnet`` is imported from (``+dirty`` if modified), or None."""
-    root = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

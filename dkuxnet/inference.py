@@ -29,10 +29,16 @@ Triplet = tuple[int, int, int]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` → ``cuda`` when available, else ``cpu``; strings become :class:`torch.device`."""
+    """``None`` → ``cuda`` when available, else ``cpu``; a bad string raises ``ValueError``."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device: cannot parse {device!r} ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    return dev
 
 
 def protocol_padding(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, int]]:

@@ -268,7 +268,7 @@ def device_name(device: Any) -> str:
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"{dev.type} ({platform.processor() or platform.machine()})"
+    return f"{dev.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def to_json_safe(x: Any) -> Any:

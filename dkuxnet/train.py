@@ -52,7 +52,7 @@ from dkuxnet.data import VolumeBank, make_split
 from dkuxnet.engine import (
     Run, build_run, configure_backends, device_name, effective_unlabeled_bs, first_bad_iteration, git_commit,
     load_run_state, lr_at, read_window, resolve_device, run_state, schedule_state, train_step,
-    write_json_atomic,
+    write_json,
 )
 from dkuxnet.errors import CheckpointError, NonFiniteLossError
 
@@ -255,7 +255,7 @@ def train(
             f"or choose another output folder"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "config.json", cfg.to_dict())
+    write_json(out_dir / "config.json", cfg.to_dict())
     configure_backends(cfg.train, device)
     bank, n_labeled = load_training_data(cfg, data_dir, device, progress)
     run = build_run(cfg, bank, n_labeled, device)
@@ -315,5 +315,5 @@ def _write_summary(session: _Session) -> dict[str, Any]:
         "checkpoint": str(session.ckpt_path),
         "config": cfg.to_dict(),
     }
-    write_json_atomic(session.out_dir / "summary.json", summary)
+    write_json(session.out_dir / "summary.json", summary)
     return summary
