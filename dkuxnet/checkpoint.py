@@ -19,10 +19,8 @@ with :func:`os.replace`, so a crash never leaves a half-written ``last.pt`` behi
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -33,6 +31,7 @@ from torch import nn
 
 from dkuxnet.config import Config
 from dkuxnet.errors import CheckpointError
+from dkuxnet.fileio import atomic_path
 
 FORMAT = "dkuxnet-checkpoint-v1"
 REQUIRED_KEYS = ("format", "config", "model", "iteration")
@@ -102,18 +101,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"state has unknown checkpoint key(s) {unknown}; allowed extras: {OPTIONAL_KEYS}")
     state = _normalize(state, "state")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -234,16 +223,3 @@ def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     detail = [ln for ln in lines if ln.startswith("WeightsUnpickler error:")]
     return (detail or lines or [type(exc).__name__])[0]
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -21,12 +21,12 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dkuxnet.config import Config, get_preset
+from dkuxnet.fileio import write_text_atomic
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -285,21 +285,6 @@ def to_json_safe(x: Any) -> Any:
 def write_json(path: Path, obj: Any) -> None:
     """Write strict JSON atomically (temporary file in the same folder, fsync, :func:`os.replace`)."""
     write_text_atomic(Path(path), json.dumps(to_json_safe(obj), indent=1, allow_nan=False) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically; creates the parent folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _num(x: Any) -> float:

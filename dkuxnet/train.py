@@ -55,6 +55,7 @@ from dkuxnet.engine import (
     write_json,
 )
 from dkuxnet.errors import CheckpointError, NonFiniteLossError
+from dkuxnet.fileio import write_text_atomic
 
 RESUMABLE_CHANGES = frozenset({"train.max_iterations"})  # the only field a resume may change
 
@@ -125,9 +126,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 def _truncate_metrics(path: Path, iteration: int) -> None:
     """Drop lines logged after ``iteration`` (they belong to steps the resumed run repeats)."""
     kept = [r for r in _read_metrics(path) if r["iteration"] <= iteration]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class _GracefulInterrupt:

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dkuxnet.data.la import case_path, read_case
+from dkuxnet.fileio import atomic_path, write_text_atomic
 
 FORMAT = 1
 INDEX = "index.json"
@@ -94,10 +95,8 @@ def resolve_cache_dir(root: Path, cache_dir: Path | None = None) -> Path:
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
@@ -110,9 +109,7 @@ def _read_index(folder: Path) -> dict[str, Any]:
 
 def _write_index(folder: Path, entries: dict[str, Any]) -> None:
     merged = {**_read_index(folder), **entries}  # keep what another process added meanwhile
-    tmp = folder / f".{INDEX}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"format": FORMAT, "cases": merged}, indent=1), encoding="utf-8")
-    os.replace(tmp, folder / INDEX)
+    write_text_atomic(folder / INDEX, json.dumps({"format": FORMAT, "cases": merged}, indent=1))
 
 
 def _source_key(path: Path) -> dict[str, Any]:

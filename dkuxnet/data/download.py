@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from dkuxnet.data.la import CASE_FILE, CASES_DIR, LIST_FILES
 from dkuxnet.errors import DataError
+from dkuxnet.fileio import write_text_atomic
 
 DEFAULT_BASE_URL = (
     "https://raw.githubusercontent.com/yulequan/UA-MT/88ed29ad794f877122e542a7fa9505a76fa83515/data/"
@@ -172,9 +173,7 @@ def download_la(
     entries_todo.sort(key=lambda e: e[0] not in LIST_FILES)  # the small lists first (stable otherwise)
     dest.mkdir(parents=True, exist_ok=True)
     sums = dest / "SHA256SUMS"
-    tmp = sums.with_name(sums.name + ".tmp")
-    tmp.write_text(sha256sums_text(entries), encoding="utf-8")
-    os.replace(tmp, sums)
+    write_text_atomic(sums, sha256sums_text(entries))
     failures: list[str] = []
     consecutive = 0
     files_bar = tqdm(total=len(entries_todo), desc="LA files", unit="file", disable=not progress)

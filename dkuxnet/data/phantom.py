@@ -18,7 +18,6 @@ for a seed: case ``i`` depends only on ``(seed, i)``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
@@ -26,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from dkuxnet.data.la import case_path
+from dkuxnet.fileio import atomic_path, write_text_atomic
 
 
 def _smooth_field(shape: tuple[int, int, int], rng: np.random.Generator, nodes: int = 4) -> np.ndarray:
@@ -136,12 +136,9 @@ def make_phantom(dest: Path, cases: int = 20, seed: int = 0, shape: tuple[int, i
                       int(shape[1] + rng.integers(-jitter[1], jitter[1] + 1)), int(shape[2]))
         image, label = phantom_case(case_shape, rng)
         path = case_path(dest, case_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("image", data=image, compression="gzip", compression_opts=1)
             f.create_dataset("label", data=label, compression="gzip", compression_opts=1)
-        os.replace(tmp, path)
-    (dest / "train.list").write_text("".join(f"{c}\n" for c in ids[:-n_test]), encoding="utf-8")
-    (dest / "test.list").write_text("".join(f"{c}\n" for c in ids[-n_test:]), encoding="utf-8")
+    write_text_atomic(dest / "train.list", "".join(f"{c}\n" for c in ids[:-n_test]))
+    write_text_atomic(dest / "test.list", "".join(f"{c}\n" for c in ids[-n_test:]))
     return dest
