@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,27 @@ def synthetic_bank(shape: tuple[int, int, int], n: int, device: torch.device, se
     pooled = [torch.nn.functional.avg_pool3d(im[None], 5, 1, 2)[0, 0] for im in images]  # X×Y×Z
     labels = [(p > p.quantile(0.8)).to(torch.uint8) for p in pooled]
     return VolumeBank(images=images, labels=labels, ids=[f"synthetic{i}" for i in range(n)]).to(device)
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd keeps for backward from the tensors ``fn()`` creates.
+
+    Storages of ``exclude`` (the parameters) are not counted; nor is what a non-reentrant checkpoint
+    inside ``fn`` recomputes in backward (its own hooks take precedence). The activation memory a
+    training step holds between forward and backward, on any device (engineering.md B.2).
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 def _bench_data(cfg: Config, device: torch.device, data_dir: Path | None) -> tuple[VolumeBank, int, torch.Tensor]:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from dkuxnet.bench import LA_PATCH, LA_TEST_SHAPE, peak_tflops, run_bench, scaled_shape
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_peak_table():
@@ -34,3 +39,15 @@ def test_run_bench_cpu_tiny(tmp_path):
         assert tiny[key] > 0, key
     assert tiny["infer_volume_shape"] == list(scaled_shape(tuple(tiny["patch"])))
     assert tiny["infer_windows"] > 1 and tiny["peak_gib"] is None and tiny["mfu"] is None
+
+
+def test_memprobe_tool_reports_less_activation_memory_with_checkpointing(tmp_path):
+    out = tmp_path / "mem.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "memprobe.py"), "--preset", "tiny", "--patch", "32", "32", "32",
+           "--set", "model.checkpoint_activations=false", "--set", "model.checkpoint_activations=true", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    plain, ckpt = (r["saved_bytes_per_voxel"] for r in rows)
+    assert [r["overrides"] for r in rows] == [{"model.checkpoint_activations": v} for v in (False, True)]
+    assert 0 < ckpt < 0.5 * plain
+    assert all(r["estimated_peak_gib"] > 0 and r["batch"] == 8 for r in rows)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetResBlock, UnetrUpBlock
 
+from dkuxnet.bench import saved_tensor_bytes
 from dkuxnet.config import ModelConfig, get_preset
 from dkuxnet.models import DKUXNet, ModelOutput, VNet, create_model, hard_assignment, kmeans_update, model_info
 from dkuxnet.models.blocks import LayerNorm3d, ResBlock3d, UpBlock3d
@@ -239,3 +240,14 @@ def test_cli_model_info_prints_json():
     )
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert info["preset"] == "paper" and info["parameters"] == 65_217_790
+
+
+def test_checkpoint_activations_keeps_less_than_half_the_activations():
+    x, label = _input(), _label()
+    kept = {}
+    for ckpt in (False, True):
+        model = _model(checkpoint_activations=ckpt)
+        kept[ckpt] = saved_tensor_bytes(
+            lambda: _loss(model(x), label, model.group_sizes, deep_supervision=True), model.parameters()
+        )
+    assert 0 < kept[True] < 0.5 * kept[False], kept

@@ -10,7 +10,8 @@ They are re-written here (about 40 lines) to keep parameter names short and to c
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,18 +91,22 @@ def _frozen_running_stats(module: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
-def maybe_checkpoint(module: nn.Module, *args: torch.Tensor, enabled: bool) -> torch.Tensor:
-    """``module(*args)``, recomputed in backward (``torch.utils.checkpoint``, non-reentrant) when ``enabled``.
+def maybe_checkpoint(
+    fn: Callable[..., Any], *args: torch.Tensor, enabled: bool, module: nn.Module | None = None
+) -> Any:
+    """``fn(*args)``, recomputed in backward (``torch.utils.checkpoint``, non-reentrant) when ``enabled``.
 
-    Only active while training with gradients on. BatchNorm running statistics are updated once, in the
-    first forward, as without checkpointing (the eager recomputation runs with momentum 0).
+    ``fn`` is a module or a method of ``module``. Only active while ``module`` (default: ``fn``) is training
+    with gradients on. BatchNorm running statistics are updated once, in the first forward, as without
+    checkpointing (the eager recomputation runs with momentum 0).
     """
-    if not (enabled and module.training and torch.is_grad_enabled()):
-        return module(*args)
+    owner = fn if module is None else module
+    if not (enabled and owner.training and torch.is_grad_enabled()):
+        return fn(*args)
     if torch.compiler.is_compiling():  # dynamo rejects custom context_fn; the compiled backward mutates no buffers
-        return checkpoint(module, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False)
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _frozen_running_stats(module)
+        return contextlib.nullcontext(), _frozen_running_stats(owner)
 
-    return checkpoint(module, *args, use_reentrant=False, context_fn=contexts)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)

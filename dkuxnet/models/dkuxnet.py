@@ -26,13 +26,16 @@ Presets (``dkuxnet.config.get_preset``):
 
   (``paper`` = ``official`` + 2 dec1 layers without class heads, 2 × 1,640,338.)
 
-Precision and memory (reasoning, not yet measured on a GPU; torch 2.13): the model is bf16-autocast
-friendly; the affinities, assignments, k-means updates, query attention, ``softmax_N`` and the
-segmentation/cluster sums run in fp32 islands, so every ``ModelOutput`` tensor is fp32. Per volume of
-112×112×80 the full-resolution fp32 tensors L, S and the pre-BN affinity are ≈ 0.5 GB each (N = 128);
-``checkpoint_activations`` recomputes enc1, dec0 and the final predictor in backward (the predictor's
-pre-BN affinity, pixel embedding and 256-channel hidden maps are then not kept). There are no host syncs
-in ``forward`` (no ``.item()``, no branching on tensor values).
+Precision and memory: the model is bf16-autocast friendly; the affinities, assignments, k-means updates,
+query attention, ``softmax_N`` and the segmentation/cluster sums run in fp32 islands, so every
+``ModelOutput`` tensor is fp32. ``checkpoint_activations`` (on by default, off in ``tiny``) recomputes in
+backward the blocks on the two finest grids: enc1, enc2, dec1, dec0, the kMaX layers of the finest kMaX
+scale, and the final predictor as two segments (pixel path; fp32 affinity). The predictor alone is not
+enough: recomputed first in backward, while everything else is still held, it would only move the peak.
+Measured with ``tools/memprobe.py`` (CPU proxy, bf16 autocast, ``results/memprobe_cpu.json``), the
+``paper`` step at 2 views × 4 volumes of 112×112×80 keeps ≈ 10.7 kB per voxel without and ≈ 3.6 kB with
+it; the estimated peak falls from ≈ 96 to ≈ 45 GiB. Gradients and BatchNorm statistics are identical
+(tests). There are no host syncs in ``forward`` (no ``.item()``, no branching on tensor values).
 """
 
 from __future__ import annotations
@@ -140,20 +143,22 @@ class DKUXNet(nn.Module):
             raise ValueError(f"input must be B×C×X×Y×Z with X, Y, Z divisible by {factor}, got {tuple(x.shape)}")
         b, ckpt = x.shape[0], self.checkpoint_activations
         feats = self.encoder(x)  # strides 2 … 2^L
-        skips = [maybe_checkpoint(self.encoders[0], x, enabled=ckpt)]  # enc1: B×w0×X×Y×Z
-        skips += [enc(f) for enc, f in zip(self.encoders[1:-1], feats[:-1])]
+        # enc1 (B×w0×X×Y×Z) and enc2 (stride 2) are recomputed in backward under checkpoint_activations
+        skips = [maybe_checkpoint(self.encoders[0], x, enabled=ckpt)]
+        skips += [maybe_checkpoint(enc, f, enabled=ckpt and i == 0) for i, (enc, f) in enumerate(zip(self.encoders[1:-1], feats[:-1]))]
         h = self.encoders[-1](feats[-1])  # bottleneck: B×hidden×(X/2^L)×…
         decoded = []
-        for i, dec in enumerate(self.decoders):
-            last = i == len(self.decoders) - 1
-            h = maybe_checkpoint(dec, h, skips[-1 - i], enabled=ckpt and last)
+        for i, dec in enumerate(self.decoders):  # dec1 and dec0 recomputed
+            h = maybe_checkpoint(dec, h, skips[-1 - i], enabled=ckpt and i >= len(self.decoders) - 2)
             decoded.append(h)  # dec_{L-1}, …, dec0
         z = self.cluster_centers.unsqueeze(0).expand(b, -1, -1)  # B×C×N
         aux = []
-        for i, layer in enumerate(self.kmax):
-            z, m = layer(decoded[i // self.layers_per_scale], z)  # m: B×N×x×y×z
-            aux.append(m)
-        logits = maybe_checkpoint(self.predictor, decoded[-1], self.mask_embed(z), enabled=ckpt)  # B×N×X×Y×Z
+        finest = (len(self.kmax) - 1) // self.layers_per_scale
+        for i, layer in enumerate(self.kmax):  # the finest kMaX scale's layers recomputed
+            scale = i // self.layers_per_scale
+            z, m = maybe_checkpoint(layer, decoded[scale], z, enabled=ckpt and scale == finest)
+            aux.append(m)  # m: B×N×x×y×z
+        logits = self.predictor(decoded[-1], self.mask_embed(z), checkpoint=ckpt)  # B×N×X×Y×Z
         phi = self.mlp(z.flatten(1)).view(b, self.num_queries, self.num_classes)  # B×N×K
         with fp32_island(x.device):
             probs = logits.float().softmax(dim=1)  # B×N×X×Y×Z

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dkuxnet.models.blocks import maybe_checkpoint
+
 
 def trunc_normal_(w: torch.Tensor, std: float) -> None:
     """Truncated-normal init cut at ±2σ (timm's ``trunc_normal_tf_``, as kmax-deeplab and DK-UXNet use)."""
@@ -151,15 +153,28 @@ class AssignmentHead(nn.Module):
         self.affinity_norm = _batch_norm(1, 1)
         nn.init.constant_(self.affinity_norm.weight, 0.1)
 
-    def forward(self, pixels: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        kp = self.pixel_out(self.pixel_conv(self.pixel_dw(pixels)))  # B×E×X×Y×Z
-        qc = self.query_out(queries)  # B×E×N
+    def pixel_keys(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Kp before its L2 normalisation: B×C_in×X×Y×Z → B×E×X×Y×Z."""
+        return self.pixel_out(self.pixel_conv(self.pixel_dw(pixels)))
+
+    def affinity(self, kp: torch.Tensor, qc: torch.Tensor) -> torch.Tensor:
+        """M = BN₁(Qcᵀ · L2norm(Kp)) in fp32: Kp B×E×X×Y×Z, Qc B×E×N → B×N×X×Y×Z."""
         b, n, spatial = qc.shape[0], qc.shape[2], kp.shape[2:]
         with fp32_island(kp.device):
             kp = F.normalize(kp.float().flatten(2), dim=1)  # B×E×V
             m = torch.bmm(qc.float().transpose(1, 2), kp)  # B×N×V
             m = self.affinity_norm(m.view(b, 1, -1))  # B×1×(N·V): one BN channel over every entry
-        return m.view(b, n, *spatial)  # B×N×X×Y×Z
+        return m.view(b, n, *spatial)
+
+    def forward(self, pixels: torch.Tensor, queries: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        """Affinity M (B×N×X×Y×Z, fp32) of ``pixels`` (B×C_in×X×Y×Z) to ``queries`` (B×C×N).
+
+        ``checkpoint``: recompute the pixel path and the fp32 affinity in backward, as two segments
+        (only Kp in the compute dtype and the queries are kept).
+        """
+        kp = maybe_checkpoint(self.pixel_keys, pixels, enabled=checkpoint, module=self)  # B×E×X×Y×Z
+        qc = self.query_out(queries)  # B×E×N
+        return maybe_checkpoint(self.affinity, kp, qc, enabled=checkpoint, module=self)
 
 
 class QueryAttention(nn.Module):
