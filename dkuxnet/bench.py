@@ -180,6 +180,7 @@ def run_bench(
     steps: int | None = None,
     warmup: int | None = None,
     overrides: dict[str, Any] | None = None,
+    variants: dict[str, tuple[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Benchmark training step and inference of each preset; optionally write the JSON to ``out``.
 
@@ -193,6 +194,8 @@ def run_bench(
         steps: timed steps (default 8 on CUDA, 2 on CPU).
         warmup: untimed steps first (default 3 on CUDA, 1 on CPU; at least one runs, FLOP-counted).
         overrides: dotted config changes applied to every preset (e.g. a smaller ``data.patch_size``).
+        variants: more rows, label → (preset, its own dotted changes, applied after ``overrides``), e.g.
+            ``{"paper, no checkpointing": ("paper", {"model.checkpoint_activations": False})}``.
 
     Returns:
         ``device``, ``torch``, ``cuda``, ``cudnn``, ``commit``, ``date``, ``steps``, ``warmup``,
@@ -207,12 +210,15 @@ def run_bench(
     warmup = warmup if warmup is not None else (3 if cuda else 1)
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    rows = {name: (name, {}) for name in names} | dict(variants or {})
     results: dict[str, Any] = {}
-    for name in names:
+    for label, (name, changes) in rows.items():
         try:
-            results[name] = bench_preset(name, dev, steps, warmup, Path(data_dir) if data_dir else None, overrides)
+            results[label] = bench_preset(
+                name, dev, steps, warmup, Path(data_dir) if data_dir else None, {**(overrides or {}), **changes}
+            )
         except torch.cuda.OutOfMemoryError as exc:
-            results[name] = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+            results[label] = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
         if cuda:
             torch.cuda.empty_cache()
     result = {

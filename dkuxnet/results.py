@@ -249,7 +249,8 @@ def run_label(r: dict[str, Any]) -> str:
 
 def git_commit(folder: Path | None = None) -> str | None:
     """HEAD commit of the repository holding ``folder`` (default: this package), ``+dirty`` when tracked
-    files are modified, or ``None`` outside a git checkout."""
+    files are modified; outside a git checkout the ``DKUXNET_COMMIT`` environment variable (set it when
+    running a copy of the tree without ``.git``, e.g. on a lent GPU machine), else ``None``."""
     where = str(folder or Path(__file__).resolve().parent)
     try:
         head = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -257,7 +258,7 @@ def git_commit(folder: Path | None = None) -> str | None:
         dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("DKUXNET_COMMIT") or None
     return (head + ("+dirty" if dirty else "")) or None
 
 

@@ -1,0 +1,45 @@
+"""The device script (tools/device/gpu_checks.py) rehearsed on the CPU: every stage runs, files and table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "tools" / "device" / "gpu_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_checks_rehearsal_on_cpu(phantom_root, tmp_path, capsys):
+    checks = _load()
+    out, run = tmp_path / "out", tmp_path / "run"
+    args = ["--out", str(out), "--data", str(phantom_root), "--run-dir", str(run), "--preset", "tiny",
+            "--patch", "32", "32", "32", "--iterations", "2", "--steps", "1", "--loop-cases", "1", "--device", "cpu"]
+    assert checks.main(["--stages", "env,smoke,fwdbwd,bench,train", *args]) == 0
+    assert checks.main(["--stages", "train,eval", *args, "--iterations", "3"]) == 0  # resumes 2 -> 3
+    report = json.loads((out / "checks.json").read_text())
+    assert set(report) >= {"args", "train", "eval"}
+    assert json.loads((out / "train_summary.json").read_text())["iterations"] == 3
+    assert (out / "eval_per_case.csv").read_text().count("\n") == 1 + len((phantom_root / "test.list").read_text().split())
+    (loop,) = report["eval"]["loop_check"]
+    assert loop["dice_batched_vs_loop"] == 1.0 and loop["voxels_differing"] == 0  # fp32 on CPU: same masks
+    bench = json.loads((out / "bench_tiny.json").read_text())
+    assert set(bench["presets"]) == {"tiny", "vnet", "tiny, no checkpointing", "tiny, batch 1+1"}
+    assert len(list(out.iterdir())) <= 8  # what a device run can bring back
+    table = capsys.readouterr().out
+    assert "loop check" in table and "FAILED" not in table
+
+
+def test_gpu_checks_records_a_failing_stage_and_goes_on(tmp_path, capsys):
+    checks = _load()
+    code = checks.main(["--stages", "eval,env", "--out", str(tmp_path), "--run-dir", str(tmp_path / "none"),
+                        "--data", str(tmp_path / "missing"), "--preset", "tiny", "--device", "cpu"])
+    report = json.loads((tmp_path / "checks.json").read_text())
+    assert code == 1 and "error" in report["eval"] and report["env"]["device"].startswith("cpu")
+    assert "eval: FAILED" in capsys.readouterr().out

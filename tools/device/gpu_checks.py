@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""The GPU measurements of issues #3, #4, #5 and #7 in one script, stage by stage, for a short device lease.
+
+Stages (comma-separated ``--stages``; each writes into ``--out`` and never stops the next one on error):
+
+* ``env``      card, driver, torch / CUDA / cuDNN versions, commit;
+* ``smoke``    the ``tiny`` preset's training step and protocol inference on the device (finds CUDA-path
+               bugs in seconds, before the expensive stages);
+* ``fwdbwd``   (#3) forward + backward of the model at 1×1×112×112×80 with the supervised loss, bf16
+               autocast: median ms and peak GiB, with and without activation checkpointing;
+* ``bench``    (#7) :func:`dkuxnet.bench.run_bench` on synthetic volumes: the preset's training step
+               (2 views × (2 + 2)) with and without checkpointing, batch 1 + 1, and ``vnet``; protocol
+               inference s/volume;
+* ``train``    (#4) ``dkuxnet train`` at ``--label-ratio`` on ``--data`` for ``--iterations`` (resumes
+               when the run folder already holds a checkpoint, so a long run spans several commands);
+* ``eval``     (#5) ``dkuxnet evaluate --mode protocol`` of the train stage's checkpoint on the 20 test
+               volumes, and (#7) the batched protocol prediction against the UA-MT window-by-window
+               loop (batch 1, fp32, host accumulation) on ``--loop-cases`` test volumes: Dice and time.
+
+Files in ``--out`` (at most 8, small): ``checks.json`` (env, smoke, fwdbwd, bench, loop check),
+``bench_<preset>.json``, ``train_summary.json`` (config included), ``train_metrics.jsonl``,
+``eval_summary.json``, ``eval_per_case.csv``, ``commands.log`` (output of the dkuxnet commands). The script prints a short table last. On a CPU it rehearses everything with
+``--preset tiny --patch 32 32 32`` on a phantom folder (tests/test_gpu_checks.py does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from dkuxnet.bench import run_bench  # noqa: E402
+from dkuxnet.checkpoint import load_checkpoint  # noqa: E402
+from dkuxnet.config import Config, get_preset  # noqa: E402
+from dkuxnet.data import read_case  # noqa: E402
+from dkuxnet.inference import predict_protocol, resolve_device  # noqa: E402
+from dkuxnet.losses import semi_supervised_loss  # noqa: E402
+from dkuxnet.models import create_model  # noqa: E402
+from dkuxnet.results import device_name, git_commit, write_json  # noqa: E402
+
+STAGES = ("env", "smoke", "fwdbwd", "bench", "train", "eval")
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _peak_gib(dev: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+
+
+def stage_env(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    smi = shutil.which("nvidia-smi")
+    return {
+        "device": device_name(dev), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None, "commit": git_commit(),
+        "nvidia_smi": subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.strip() if smi else None,
+        "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def stage_smoke(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    small = {"data.patch_size": [32, 32, 32]}
+    return run_bench(presets=["tiny"], device=dev, steps=2, warmup=1, overrides=small)["presets"]["tiny"]
+
+
+def _fwdbwd(cfg: Config, dev: torch.device, patch: tuple[int, int, int], steps: int) -> dict[str, Any]:
+    """Median ms and peak GiB of model forward + supervised loss + backward on one volume."""
+    torch.manual_seed(0)
+    model = create_model(cfg).to(dev).train()
+    x = torch.randn(1, 1, *patch, device=dev)
+    y = (torch.nn.functional.avg_pool3d(torch.randn(1, 1, *patch, device=dev), 5, 1, 2)[:, 0] > 0.1).long()
+    loss_cfg = dataclasses.replace(cfg.loss, ablation="seg")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    times = []
+    for i in range(steps + 2):
+        _sync(dev)
+        if i == 2 and dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        with amp:
+            out = model(x)
+        loss = semi_supervised_loss(out, y, 1, 1, loss_cfg, 0, model.group_sizes)[0]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        _sync(dev)
+        times.append(1000 * (time.perf_counter() - t0))
+    return {"ms": statistics.median(times[2:]), "ms_all": times, "peak_gib": _peak_gib(dev),
+            "input": [1, 1, *patch], "precision": "bf16 autocast" if dev.type == "cuda" else "fp32"}
+
+
+def stage_fwdbwd(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    out = {}
+    for ckpt in (True, False):
+        cfg = get_preset(a.preset).override(**{"model.checkpoint_activations": ckpt})
+        try:
+            out[f"checkpoint_activations={ckpt}"] = _fwdbwd(cfg, dev, tuple(a.patch), a.steps)
+        except torch.cuda.OutOfMemoryError as exc:
+            out[f"checkpoint_activations={ckpt}"] = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def stage_bench(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    patch = {"data.patch_size": list(a.patch)}
+    variants = {
+        f"{a.preset}, no checkpointing": (a.preset, {"model.checkpoint_activations": False}),
+        f"{a.preset}, batch 1+1": (a.preset, {"data.labeled_bs": 1, "data.unlabeled_bs": 1}),
+    }
+    result = run_bench(presets=[a.preset, "vnet"], device=dev, steps=a.steps, warmup=3, overrides=patch,
+                       variants=variants)
+    write_json(Path(a.out) / f"bench_{a.preset}.json", result)
+    return result
+
+
+def _dkuxnet(args: list[str], log: Path) -> None:
+    cmd = [sys.executable, "-m", "dkuxnet", *args]
+    with log.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd[2:4])} exited {done.returncode}; see {log}")
+
+
+def stage_train(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    run, out = Path(a.run_dir), Path(a.out)
+    args = ["train", "--preset", a.preset, "--label-ratio", str(a.label_ratio), "--data-dir", str(a.data),
+            "--out", str(run), "--max-iterations", str(a.iterations), "--device", str(dev), "--seed", "1337"]
+    if a.patch != list(get_preset(a.preset).data.patch_size):
+        args += ["--set", f"data.patch_size={json.dumps(a.patch)}"]
+    if (run / "last.pt").exists():
+        args.append("--resume")
+    _dkuxnet(args, out / "commands.log")
+    for name in ("summary.json", "metrics.jsonl"):
+        shutil.copy(run / name, out / f"train_{name}")
+    return json.loads((run / "summary.json").read_text())
+
+
+def uamt_loop(model: torch.nn.Module, image: np.ndarray, patch: tuple[int, int, int], dev: torch.device,
+              stride: tuple[int, int, int] = (18, 18, 4)) -> np.ndarray:
+    """UA-MT ``test_single_case``: one window at a time, fp32, numpy accumulation on the host; K×X×Y×Z."""
+    pads = [max(p - s, 0) for p, s in zip(patch, image.shape)]
+    img = np.pad(image, [(q // 2, q - q // 2) for q in pads])
+    starts = [[min(st * i, n - p) for i in range(math.ceil((n - p) / st) + 1)]
+              for n, p, st in zip(img.shape, patch, stride)]
+    score, cnt = None, np.zeros(img.shape, np.float32)
+    model.eval()
+    with torch.no_grad():
+        for x in starts[0]:
+            for y in starts[1]:
+                for z in starts[2]:
+                    win = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
+                    t = torch.from_numpy(np.ascontiguousarray(img[win]))[None, None].to(dev)
+                    prob = torch.softmax(model(t).seg_logits.float(), dim=1)[0].cpu().numpy()
+                    score = np.zeros((prob.shape[0], *img.shape), np.float32) if score is None else score
+                    score[(slice(None), *win)] += prob
+                    cnt[win] += 1
+    score /= cnt[None]
+    crop = tuple(slice(q // 2, q // 2 + s) for q, s in zip(pads, image.shape))
+    return score[(slice(None), *crop)]
+
+
+def stage_eval(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    run, out, ev = Path(a.run_dir), Path(a.out), Path(a.run_dir) / "eval"
+    _dkuxnet(["evaluate", "--checkpoint", str(run / "last.pt"), "--data-dir", str(a.data), "--out", str(ev),
+              "--mode", "protocol", "--device", str(dev)], out / "commands.log")
+    for name in ("summary.json", "per_case.csv"):
+        shutil.copy(ev / name, out / f"eval_{name}")
+    ckpt = load_checkpoint(run / "last.pt", map_location=dev)
+    cfg = Config.from_dict(ckpt["config"])
+    model = create_model(cfg).to(dev)
+    model.load_state_dict(ckpt["model"])
+    patch = tuple(cfg.data.patch_size)
+    cases = (Path(a.data) / "test.list").read_text().split()[: a.loop_cases]
+    rows = []
+    for case in cases:
+        image, _ = read_case(Path(a.data), case)
+        timed = {}
+        for name, fn in (("batched", lambda: predict_protocol(model, image, patch=patch, device=dev)[1].cpu().numpy()),
+                         ("loop", lambda: uamt_loop(model, image, patch, dev)[1])):
+            _sync(dev)
+            t0 = time.perf_counter()
+            timed[name] = (fn() > 0.5, time.perf_counter() - t0)
+        (pa, ta), (pb, tb) = timed["batched"], timed["loop"]
+        denom = int(pa.sum() + pb.sum())
+        dice = 2 * int((pa & pb).sum()) / denom if denom else 1.0
+        rows.append({"case": case, "dice_batched_vs_loop": dice, "batched_s": ta, "loop_s": tb,
+                     "voxels_differing": int((pa ^ pb).sum()), "foreground_voxels": int(pa.sum())})
+    return {"eval_summary": json.loads((ev / "summary.json").read_text()), "loop_check": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", default="env,smoke,fwdbwd,bench", help=f"comma-separated, from {STAGES}")
+    ap.add_argument("--out", required=True, help="output folder ($OUT on the device machine)")
+    ap.add_argument("--data", default="/tmp/la", help="LA-layout folder (train and eval stages)")
+    ap.add_argument("--run-dir", default="/tmp/dkuxnet_run", help="training run folder (kept between commands)")
+    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--patch", type=int, nargs=3, default=None, help="default: the preset's patch")
+    ap.add_argument("--label-ratio", type=float, default=0.1)
+    ap.add_argument("--iterations", type=int, default=300, help="train stage: total iterations of the run")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps in fwdbwd and bench")
+    ap.add_argument("--loop-cases", type=int, default=2, help="eval stage: test volumes for the loop check")
+    ap.add_argument("--device", default=None)
+    a = ap.parse_args(argv)
+    a.patch = list(a.patch or get_preset(a.preset).data.patch_size)
+    stages = [s for s in a.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        ap.error(f"--stages: unknown {unknown}; choose from {STAGES}")
+    dev = resolve_device(a.device)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"args": vars(a)}
+    funcs: dict[str, Callable[[argparse.Namespace, torch.device], dict[str, Any]]] = {
+        "env": stage_env, "smoke": stage_smoke, "fwdbwd": stage_fwdbwd, "bench": stage_bench,
+        "train": stage_train, "eval": stage_eval,
+    }
+    failed = []
+    for stage in stages:
+        t0 = time.perf_counter()
+        print(f"== {stage}", flush=True)
+        try:
+            report[stage] = funcs[stage](a, dev)
+        except Exception as exc:  # a stage's failure is recorded; the next stage still runs
+            report[stage] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+            failed.append(stage)
+            print(report[stage]["traceback"], flush=True)
+        report[stage]["stage_seconds"] = time.perf_counter() - t0
+        write_json(Path(a.out) / "checks.json", report)
+    print(summary_table(report))
+    return 1 if failed else 0
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """A few lines with the numbers each issue asks for."""
+    lines = [f"device: {report.get('env', {}).get('device', '?')}"]
+    for stage in STAGES:
+        r = report.get(stage)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"{stage}: FAILED {r['error'][:200]}")
+        elif stage == "fwdbwd":
+            lines += [f"fwdbwd {k}: {v.get('ms', float('nan')):.1f} ms, peak {v.get('peak_gib')} GiB"
+                      if "error" not in v else f"fwdbwd {k}: {v['error'][:120]}" for k, v in r.items()
+                      if isinstance(v, dict)]
+        elif stage == "bench":
+            for k, v in r["presets"].items():
+                lines.append(f"bench {k}: " + (v["error"][:120] if "error" in v else
+                             f"{v['ms_per_step']:.1f} ms/step, peak {v['peak_gib']} GiB, "
+                             f"{v['infer_s_per_volume']:.2f} s/volume"))
+        elif stage == "train":
+            lines.append(f"train: {r.get('iterations')} its, {r.get('ms_per_step')} ms/step, peak {r.get('peak_gib')} GiB")
+        elif stage == "eval":
+            s = r["eval_summary"]
+            means = {k: round(v["mean"], 4) for k, v in s.get("metrics", {}).items()}
+            lines.append(f"eval: {s.get('seconds_per_volume')} s/volume, failed {s.get('n_failed')}, means {means}")
+            lines += [f"loop check {c['case']}: dice {c['dice_batched_vs_loop']:.5f}, batched {c['batched_s']:.2f} s, "
+                      f"loop {c['loop_s']:.2f} s" for c in r["loop_check"]]
+        lines.append(f"  ({stage}: {r.get('stage_seconds', 0):.0f} s)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
