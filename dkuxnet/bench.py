@@ -20,6 +20,7 @@ it reports
 from __future__ import annotations
 
 import datetime
+import json
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -239,3 +240,70 @@ def run_bench(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(out), result)
     return result
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _bench_section(path: Path, d: dict[str, Any]) -> list[str]:
+    versions = f"torch {d.get('torch')}, CUDA {d.get('cuda')}, cuDNN {d.get('cudnn')}"
+    lines = [
+        f"**{d.get('device')}** ({versions}; commit `{str(d.get('commit'))[:12]}`, {d.get('date')}; "
+        f"median of {d.get('steps')} steps after {d.get('warmup')} warm-up; data: {d.get('data')}; "
+        f"file `{path.name}`)",
+        "",
+        "| preset / variant | batch (volumes) | patch | ms per step | peak GiB | TFLOP per step | TFLOP/s | MFU "
+        "| protocol inference s / volume |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in d.get("presets", {}).items():
+        if "error" in r:
+            lines.append(f"| {name} | | | {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {r['batch']['volumes']} | {'×'.join(map(str, r['patch']))} | {r['ms_per_step']:.1f} "
+            f"| {_fmt(r['peak_gib'], '.1f')} | {r['tflop_per_step']:.2f} | {r['tflops_achieved']:.1f} "
+            f"| {_fmt(r['mfu'], '.1%')} | {r['infer_s_per_volume']:.2f} |"
+        )
+    return lines + [""]
+
+
+def _memprobe_section(path: Path, d: dict[str, Any]) -> list[str]:
+    lines = [
+        f"**CPU estimate** ({d.get('method')}; commit `{str(d.get('commit'))[:12]}`, torch {d.get('torch')}, "
+        f"{d.get('date')}; file `{path.name}`): not a GPU measurement.",
+        "",
+        "| preset, variant | batch × patch measured | kept after forward | peak | estimated peak at the full patch |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in d.get("rows", []):
+        variant = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["overrides"].items()) or "as preset"
+        lines.append(
+            f"| `{r['preset']}`, {variant} | {r['batch']} × {'×'.join(map(str, r['patch']))} "
+            f"| {r['saved_bytes_per_voxel'] / 1000:.1f} kB / voxel | {r['peak_bytes_per_voxel'] / 1000:.1f} kB / voxel "
+            f"| ≈ {r['estimated_peak_gib']:.0f} GiB at {'×'.join(map(str, r['estimate_at']))} |"
+        )
+    return lines + [""]
+
+
+def perf_report(folder: Path) -> str:
+    """Markdown for the book's performance page from the committed files of ``folder`` (``results/perf``).
+
+    ``bench_*.json`` (:func:`run_bench` output, one per card): a table per file, its card, software
+    versions, commit and date in the caption. ``memprobe*.json`` (``tools/memprobe.py``): the CPU estimate
+    of activation memory. Without a bench file the text says that no GPU benchmark is committed.
+    """
+    folder = Path(folder)
+    benches = sorted(folder.glob("bench_*.json"))
+    lines = ["### GPU benchmarks of this package", ""]
+    for path in benches:
+        lines += _bench_section(path, json.loads(path.read_text(encoding="utf-8")))
+    if not benches:
+        lines += ["No GPU benchmark of this package has been committed yet (`results/perf/bench_<card>.json`).", ""]
+    probes = sorted(folder.glob("memprobe*.json"))
+    if probes:
+        lines += ["### Activation memory, estimated on the CPU", ""]
+        for path in probes:
+            lines += _memprobe_section(path, json.loads(path.read_text(encoding="utf-8")))
+    return "\n".join(lines)

@@ -111,6 +111,22 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perf_report(a: argparse.Namespace) -> int:
+    from dkuxnet.bench import perf_report
+    from dkuxnet.errors import UserError
+    from dkuxnet.fileio import write_text_atomic
+
+    folder = Path(a.results)
+    if not folder.is_dir():
+        raise UserError(f"--results: {folder} is not a folder")
+    text = perf_report(folder)
+    if a.out:
+        write_text_atomic(Path(a.out), text)
+    else:
+        print(text)
+    return 0
+
+
 def _cmd_reproduce(a: argparse.Namespace) -> int:
     from dkuxnet.reproduce import reproduce
 
@@ -181,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--warmup", type=int, default=None)
     b.set_defaults(func=_cmd_bench)
+
+    pr = sub.add_parser("perf-report", help="markdown tables of results/perf (benchmarks, memory estimate)")
+    pr.add_argument("--results", default="results/perf", help="folder with bench_*.json and memprobe*.json")
+    pr.add_argument("--out", default=None, help="markdown file to write (default: print)")
+    pr.set_defaults(func=_cmd_perf_report)
 
     r = sub.add_parser("reproduce", help="run the notebooks with papermill for each ratio and seed")
     r.add_argument("--profile", choices=("smoke", "paper"), default="smoke")

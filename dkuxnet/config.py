@@ -44,6 +44,8 @@ class ModelConfig:
     kmax_layers_per_scale: int = 2
     query_groups: tuple[int, ...] = (16, 4, 108)  # background / organ / "tumor" (method.md 4)
     mlp_hidden: int = 64  # cluster-classification MLP over all flattened centres
+    seg_head: str = "query"  # [decision] "query": Y = Σ Φ·S is the segmentation; "conv": a conv head on dec0 (official script)
+    two_networks: bool = False  # [decision] False: one shared-weight network for both views; True: one per view
     checkpoint_activations: bool = True  # recompute the large-grid blocks in backward (same math, ~1/2 the memory)
     vnet_filters: int = 16  # base width of the V-Net (arch="vnet")
     vnet_dropout: bool = True  # Dropout3d(0.5) in training, as UA-MT's has_dropout=True
@@ -60,6 +62,7 @@ class LossConfig:
     lambda_qdc: float = 0.1  # [decision] query distribution consistency weight
     lambda_segc: float = 0.1  # [decision] segmentation contrast weight
     tau: float = 0.3  # [decision] NT-Xent temperature
+    qdc_on: str = "query_probs"  # [decision] L_qdc on S (N queries); "cluster_probs": on O (G groups; two_networks)
     qdc_granularity: str = "volume"  # [decision] "volume" or "voxel"
     segc_granularity: str = "volume"  # [decision] "volume" or "voxel" (same-class negatives excluded)
     voxel_samples: int = 4096  # voxels per volume for granularity="voxel"

@@ -101,6 +101,14 @@ def build_run(cfg: Config, bank: VolumeBank, n_labeled: int, device: str | torch
         raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {cfg.train.precision!r}")
     if cfg.data.views not in (1, 2):
         raise ValueError(f"data.views must be 1 or 2, got {cfg.data.views}")
+    if cfg.model.two_networks:
+        if cfg.data.views != 2:
+            raise ValueError("model.two_networks needs data.views=2 (one network per view)")
+        if cfg.loss.qdc_on != "cluster_probs":
+            raise ValueError(
+                "model.two_networks needs loss.qdc_on='cluster_probs': the query indices of two independently "
+                "initialised networks do not correspond, so L_qdc compares the group outputs O (method.md §5.4)"
+            )
     n_unlabeled = len(bank) - n_labeled
     if not 0 < n_labeled <= len(bank):
         raise ValueError(f"n_labeled must be in 1..{len(bank)}, got {n_labeled}")

@@ -21,6 +21,7 @@ from dkuxnet.config import ABLATIONS, LossConfig
 _EPS = 1e-8  # norm floor of the cosine similarity: a zero vector has cosine 0 with everything
 GRANULARITIES = ("volume", "voxel")
 REDUCTIONS = ("mean", "sum")
+QDC_INPUTS = ("query_probs", "cluster_probs")
 SEG_LOSSES = ("dice_ce", "uamt")
 
 
@@ -305,6 +306,7 @@ def _check_loss_config(cfg: LossConfig) -> None:
         ("seg_loss", cfg.seg_loss, SEG_LOSSES),
         ("ablation", cfg.ablation, ABLATIONS),
         ("qd_reduction", cfg.qd_reduction, REDUCTIONS),
+        ("qdc_on", cfg.qdc_on, QDC_INPUTS),
         ("qdc_granularity", cfg.qdc_granularity, GRANULARITIES),
         ("segc_granularity", cfg.segc_granularity, GRANULARITIES),
     ):
@@ -331,7 +333,8 @@ def semi_supervised_loss(
     L_seg uses the labeled items of each view (``cfg.seg_loss``: :func:`dice_ce_loss` or
     :func:`uamt_seg_loss` on ``seg_logits``; :func:`qd_loss` on ``query_logits``;
     :func:`deep_supervision_loss` on ``aux``). QD and DS are skipped when ``group_sizes`` is empty or
-    ``out.query_logits`` is None (V-Net). L_qdc = :func:`ntxent_loss` on ``query_probs``, L_segc on
+    ``out.query_logits`` is None (V-Net). L_qdc = :func:`ntxent_loss` on ``query_probs`` (S; or on
+    ``cluster_probs``, O, when ``cfg.qdc_on == "cluster_probs"``), L_segc on
     softmax_K(seg_logits) (same-class negatives excluded at voxel granularity), both over all items of both
     views. ``cfg.ablation``: "seg" → L_seg only; "qdc" / "segc" → one consistency term; "all" → both.
     Consistency terms are off when ``views == 1`` or their λ is 0. r(t) = :func:`sigmoid_rampup`.
@@ -384,9 +387,10 @@ def semi_supervised_loss(
         qdc, segc = zero, zero
         ramp = seg.new_full((), sigmoid_rampup(iteration, cfg.rampup_length, cfg.rampup_every), dtype=torch.float32)
         if views == 2 and cfg.ablation in ("qdc", "all") and cfg.lambda_qdc != 0:
-            if out.query_probs is None:
-                raise ValueError(f"cfg.ablation: {cfg.ablation!r} with lambda_qdc > 0 needs out.query_probs")
-            qdc = ntxent_loss(out.query_probs, cfg.tau, cfg.qdc_granularity, cfg.voxel_samples, generator)
+            source = getattr(out, cfg.qdc_on)
+            if source is None:
+                raise ValueError(f"cfg.ablation: {cfg.ablation!r} with lambda_qdc > 0 needs out.{cfg.qdc_on}")
+            qdc = ntxent_loss(source, cfg.tau, cfg.qdc_granularity, cfg.voxel_samples, generator)
         if views == 2 and cfg.ablation in ("segc", "all") and cfg.lambda_segc != 0:
             probs = _at_least_fp32(seg).softmax(dim=1)  # 2B×K×...
             voxel = cfg.segc_granularity == "voxel"

@@ -174,8 +174,14 @@ def save_result(path: Path, d: dict[str, Any]) -> None:
     write_json(Path(path), d)
 
 
+PERF_FOLDER = "perf"  # results/perf/: benchmark and memory measurements, skipped by load_results
+
+
 def load_results(folder: Path) -> list[dict[str, Any]]:
     """All run results (``*.json``, recursively, sorted by path) of ``folder``, each validated.
+
+    ``folder/perf/`` is skipped: it holds performance measurements (``dkuxnet bench`` and
+    ``tools/memprobe.py`` JSON, their own formats), not run results.
 
     Raises:
         ValueError: naming the file that is not a valid result.
@@ -186,6 +192,8 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"results folder {folder} does not exist")
     out = []
     for path in sorted(folder.rglob("*.json")):
+        if path.relative_to(folder).parts[0] == PERF_FOLDER:
+            continue
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             validate_result(d)

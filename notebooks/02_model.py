@@ -110,8 +110,10 @@ image, label = read_case(root, case_id)
 crop, crop_label = viz.crop_around_label(image, label, cfg.data.patch_size)
 with torch.no_grad():
     out = model(torch.from_numpy(crop)[None, None])  # 1×1×X×Y×Z
-def shape(v: torch.Tensor | list) -> str:
-    """Shape of a tensor, or of each tensor of a list."""
+def shape(v: torch.Tensor | list | None) -> str:
+    """Shape of a tensor, or of each tensor of a list; "—" for an output this configuration does not produce."""
+    if v is None:
+        return "—"
     return " × ".join(map(str, v.shape)) if torch.is_tensor(v) else ";  ".join(shape(a) for a in v)
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dkuxnet.bench import LA_PATCH, LA_TEST_SHAPE, peak_tflops, run_bench, scaled_shape
+from dkuxnet.bench import LA_PATCH, LA_TEST_SHAPE, peak_tflops, perf_report, run_bench, scaled_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +51,28 @@ def test_memprobe_tool_reports_less_activation_memory_with_checkpointing(tmp_pat
     assert [r["overrides"] for r in rows] == [{"model.checkpoint_activations": v} for v in (False, True)]
     assert 0 < ckpt < 0.5 * plain
     assert all(r["estimated_peak_gib"] > 0 and r["batch"] == 8 for r in rows)
+
+
+def test_perf_report_renders_bench_and_memory_files(tmp_path):
+    assert "No GPU benchmark" in perf_report(tmp_path)
+    small = {"data.patch_size": [32, 32, 16]}
+    variants = {"tiny, with checkpointing": ("tiny", {"model.checkpoint_activations": True})}
+    run_bench(presets=["tiny"], device="cpu", out=tmp_path / "bench_cpu.json", steps=1, warmup=1,
+              overrides=small, variants=variants)
+    (tmp_path / "bench_oom.json").write_text(json.dumps({"device": "NVIDIA T4", "presets": {"paper": {"error": "out of memory: x"}}}))
+    (tmp_path / "memprobe_cpu.json").write_text((ROOT / "results" / "perf" / "memprobe_cpu.json").read_text())
+    text = perf_report(tmp_path)
+    bench = json.loads((tmp_path / "bench_cpu.json").read_text())
+    row = next(line for line in text.splitlines() if line.startswith("| tiny, with checkpointing |"))
+    assert f"| {bench['presets']['tiny, with checkpointing']['ms_per_step']:.1f} |" in row
+    assert "**NVIDIA T4**" in text and "out of memory: x" in text and "No GPU benchmark" not in text
+    assert text.count("kB / voxel") == 4 and "not a GPU measurement" in text
+
+
+def test_perf_report_cli(tmp_path, capsys):
+    from dkuxnet.cli import main
+
+    assert main(["perf-report", "--results", str(tmp_path / "missing")]) == 2
+    assert "--results" in capsys.readouterr().err
+    assert main(["perf-report", "--results", str(tmp_path), "--out", str(tmp_path / "t.inc")]) == 0
+    assert (tmp_path / "t.inc").read_text().startswith("### GPU benchmarks")

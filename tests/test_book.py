@@ -9,6 +9,7 @@ chromium and runs the suite after ``make book``, so in CI all of them run.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import shutil
@@ -226,3 +227,15 @@ def test_screenshot_shows_the_3d_figure(tmp_path: Path) -> None:
     assert "main-svg" in dom, "plotly did not draw (no main-svg in the rendered DOM): is plotly.js loaded?"
     share = _coloured_fraction(png)
     assert share > 0.4, f"no coloured figure region in the screenshot (best 200x200 square: {share:.0%} coloured)"
+
+
+
+@built
+def test_performance_page_renders_the_committed_perf_files() -> None:
+    html = _page("book/performance.html")
+    rows = json.loads((ROOT / "results" / "perf" / "memprobe_cpu.json").read_text())["rows"]
+    for row in rows:
+        assert f"{row['saved_bytes_per_voxel'] / 1000:.1f} kB / voxel" in html
+    benches = sorted((ROOT / "results" / "perf").glob("bench_*.json"))
+    names = [json.loads(p.read_text())["device"] for p in benches] or ["No GPU benchmark of this package"]
+    assert all(name in html for name in names)

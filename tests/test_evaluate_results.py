@@ -131,7 +131,10 @@ def test_schedule_label():
     assert schedule_label(100, "paper") == f"shortened: 100 of {full} iterations"
 
 
-def test_load_results_names_bad_file(tmp_path):
+def test_load_results_names_bad_file_and_skips_perf(tmp_path):
+    (tmp_path / "perf").mkdir()
+    (tmp_path / "perf" / "bench_cpu.json").write_text(json.dumps({"presets": {}}))  # not a run result
+    assert load_results(tmp_path) == []
     (tmp_path / "bad.json").write_text(json.dumps({"schema": "dkuxnet-result-v1"}))
     with pytest.raises(ValueError, match="bad.json"):
         load_results(tmp_path)

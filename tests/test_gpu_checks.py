@@ -25,12 +25,14 @@ def test_gpu_checks_rehearsal_on_cpu(phantom_root, tmp_path, capsys):
     assert checks.main(["--stages", "train,eval", *args, "--iterations", "3"]) == 0  # resumes 2 -> 3
     report = json.loads((out / "checks.json").read_text())
     assert set(report) >= {"args", "train", "eval"}
+    first = json.loads((out / "bench_tiny.json").read_text())  # written by the first call's bench stage
+    assert first["device"].startswith("cpu") and first["presets"]["tiny"]["ms_per_step"] > 0
     assert json.loads((out / "train_summary.json").read_text())["iterations"] == 3
     assert (out / "eval_per_case.csv").read_text().count("\n") == 1 + len((phantom_root / "test.list").read_text().split())
     (loop,) = report["eval"]["loop_check"]
     assert loop["dice_batched_vs_loop"] == 1.0 and loop["voxels_differing"] == 0  # fp32 on CPU: same masks
     bench = json.loads((out / "bench_tiny.json").read_text())
-    assert set(bench["presets"]) == {"tiny", "vnet", "tiny, no checkpointing", "tiny, batch 1+1"}
+    assert set(bench["presets"]) == {"tiny", "vnet", "tiny, with checkpointing", "tiny, batch 1+1", "tiny, channels_last_3d"}
     assert len(list(out.iterdir())) <= 8  # what a device run can bring back
     table = capsys.readouterr().out
     assert "loop check" in table and "FAILED" not in table

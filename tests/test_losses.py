@@ -397,3 +397,18 @@ def test_semi_supervised_argument_checks():
     vnet = _out(vnet=True)
     with pytest.raises(ValueError, match="query_probs"):
         semi_supervised_loss(vnet, LABELS, 2, 2, LossConfig(ablation="qdc"), 0, ())
+
+
+def test_semi_supervised_qdc_on_cluster_outputs():
+    out = _out()
+    groups = torch.stack([p.sum(1) for p in out.query_probs.split(GROUPS, dim=1)], dim=1)  # O: 8×3×4×4×4
+    out.cluster_probs = groups
+    cfg = LossConfig(ablation="qdc", qdc_on="cluster_probs")
+    _, parts = semi_supervised_loss(out, LABELS, 2, 2, cfg, 0, GROUPS)
+    assert parts["qdc"].item() == pytest.approx(ntxent_loss(groups, cfg.tau).item(), rel=1e-6)
+    assert parts["qdc"].item() != pytest.approx(ntxent_loss(out.query_probs, cfg.tau).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="qdc_on"):
+        semi_supervised_loss(out, LABELS, 2, 2, LossConfig(qdc_on="queries"), 0, GROUPS)
+    out.cluster_probs = None
+    with pytest.raises(ValueError, match="out.cluster_probs"):
+        semi_supervised_loss(out, LABELS, 2, 2, cfg, 0, GROUPS)

@@ -14,7 +14,8 @@ from monai.networks.blocks import UnetResBlock, UnetrUpBlock
 
 from dkuxnet.bench import saved_tensor_bytes
 from dkuxnet.config import ModelConfig, get_preset
-from dkuxnet.models import DKUXNet, ModelOutput, VNet, create_model, hard_assignment, kmeans_update, model_info
+from dkuxnet.models import DKUXNet, ModelOutput, TwoNetworks, VNet, create_model, hard_assignment, kmeans_update, model_info
+from dkuxnet.models.dkuxnet import authors_dead_parts, parts
 from dkuxnet.models.blocks import LayerNorm3d, ResBlock3d, UpBlock3d
 
 SHAPE = (32, 16, 16)  # small patch the 4-stage tiny model accepts (bottleneck grid 2×1×1)
@@ -251,3 +252,40 @@ def test_checkpoint_activations_keeps_less_than_half_the_activations():
             lambda: _loss(model(x), label, model.group_sizes, deep_supervision=True), model.parameters()
         )
     assert 0 < kept[True] < 0.5 * kept[False], kept
+
+
+def test_conv_seg_head_is_the_authors_conv_head_and_becomes_seg_logits():
+    assert model_info("paper")["parameters"] + 124_514 == 65_342_304  # method.md §3.6: conv head 124,514
+    cfg = get_preset("paper").model
+    with torch.device("meta"):
+        conv = create_model(dataclasses.replace(cfg, seg_head="conv"))
+    assert sum(p.numel() for p in conv.parameters()) == 65_342_304
+    assert sum(parts(conv).values()) == 65_342_304 and parts(conv)["conv_head"] == 124_514
+    assert authors_dead_parts(dataclasses.replace(cfg, seg_head="conv"))["conv_head"] == 0
+    model = _model(seg_head="conv")
+    out = model(_input())
+    assert out.seg_logits.shape == out.query_seg_logits.shape == (2, 2, *SHAPE)
+    _loss(out, _label(), model.group_sizes, deep_supervision=False).backward()
+    assert all(p.grad is not None for p in model.conv_head.parameters())
+    with pytest.raises(ValueError, match="seg_head"):
+        _model(seg_head="transformer")
+
+
+def test_two_networks_one_per_view_in_training_first_in_eval():
+    torch.manual_seed(0)
+    model = create_model(_tiny(two_networks=True))
+    assert isinstance(model, TwoNetworks) and model.group_sizes == model.first.group_sizes
+    assert not torch.equal(model.first.cluster_centers, model.second.cluster_centers)  # independent init
+    x = _input(batch=4)
+    out = model(x)
+    first, second = model.first(x[:2]), model.second(x[2:])  # training mode: batch statistics per half
+    torch.testing.assert_close(out.seg_logits, torch.cat([first.seg_logits, second.seg_logits]))
+    torch.testing.assert_close(out.cluster_probs, torch.cat([first.cluster_probs, second.cluster_probs]))
+    assert [m.shape[0] for m in out.aux] == [4] * len(first.aux)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:3]).seg_logits, model.first(x[:3]).seg_logits)
+    with pytest.raises(ValueError, match="2 views"):
+        model.train()(x[:3])
+    with pytest.raises(ValueError, match="dkuxnet"):
+        create_model(dataclasses.replace(get_preset("vnet").model, two_networks=True))

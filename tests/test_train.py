@@ -177,3 +177,17 @@ def test_cli_train_and_run_folder_rules(phantom_root, tmp_path):
         train(cfg.override(**{"loss.tau": 0.5}), phantom_root, tmp_path, device="cpu", resume=True, progress=False)
     with pytest.raises(CheckpointError, match="does not exist"):
         train(cfg, phantom_root, tmp_path / "empty", device="cpu", resume=True, progress=False)
+
+
+def test_two_networks_ablation_trains_both_networks(phantom_root, tmp_path):
+    with pytest.raises(ValueError, match="qdc_on='cluster_probs'"):
+        train(tiny(**{"model.two_networks": True}), phantom_root, tmp_path / "bad", device="cpu", progress=False)
+    cfg = tiny(**{"model.two_networks": True, "loss.qdc_on": "cluster_probs", "train.max_iterations": 2})
+    summary = train(cfg, phantom_root, tmp_path / "run", device="cpu", progress=False)
+    state = _load(tmp_path / "run")["model"]
+    assert summary["iterations"] == 2 and summary["final"]["qdc"] > 0
+    assert {k.split(".")[0] for k in state} == {"first", "second"}
+    torch.manual_seed(cfg.train.seed)  # the initial weights, as train() draws them
+    fresh = engine.create_model(cfg)
+    moved = [k for k, v in fresh.state_dict().items() if v.is_floating_point() and not torch.equal(v, state[k])]
+    assert any(k.startswith("first.") for k in moved) and any(k.startswith("second.") for k in moved)

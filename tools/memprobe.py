@@ -15,7 +15,7 @@ This is an estimate, not a GPU measurement: CUDA autocast keeps a few more ops (
 and cuDNN workspaces and allocator fragmentation come on top.
 
     python tools/memprobe.py --preset paper --patch 48 48 32 --set model.checkpoint_activations=false \\
-        --set model.checkpoint_activations=true --out results/memprobe_cpu.json
+        --set model.checkpoint_activations=true --out results/perf/memprobe_cpu.json
 """
 
 from __future__ import annotations

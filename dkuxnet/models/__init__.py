@@ -1,4 +1,5 @@
-"""Models: DKUXNet (``dkuxnet.py``, built from ``uxnet.py``, ``blocks.py``, ``kmax.py``) and UA-MT's V-Net.
+"""Models: DKUXNet (``dkuxnet.py``, built from ``uxnet.py``, ``blocks.py``, ``kmax.py``), its two-network
+ablation (``dual.py``) and UA-MT's V-Net.
 
 ``create_model(cfg)`` builds the network a config describes; ``model_info(preset)`` counts its parameters
 on the meta device (no memory, instant), e.g. ``python -m dkuxnet model-info --preset paper``.
@@ -13,11 +14,12 @@ from torch import nn
 
 from dkuxnet.config import Config, ModelConfig, get_preset
 from dkuxnet.models.dkuxnet import DKUXNet, ModelOutput, authors_dead_parts, parts
+from dkuxnet.models.dual import TwoNetworks
 from dkuxnet.models.kmax import hard_assignment, kmeans_update
 from dkuxnet.models.vnet import VNet
 
 __all__ = [
-    "DKUXNet", "ModelOutput", "VNet", "authors_dead_parts", "create_model", "hard_assignment",
+    "DKUXNet", "ModelOutput", "TwoNetworks", "VNet", "authors_dead_parts", "create_model", "hard_assignment",
     "kmeans_update", "model_info",
 ]
 
@@ -25,6 +27,10 @@ __all__ = [
 def create_model(cfg: Config | ModelConfig) -> nn.Module:
     """Build the model of ``cfg`` (``cfg.model.arch``: ``"dkuxnet"`` or ``"vnet"``) on the current default device."""
     model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+    if model_cfg.two_networks:
+        if model_cfg.arch != "dkuxnet":
+            raise ValueError(f"model.two_networks is defined for arch 'dkuxnet' only, got {model_cfg.arch!r}")
+        return TwoNetworks(model_cfg)
     if model_cfg.arch == "dkuxnet":
         return DKUXNet(model_cfg)
     if model_cfg.arch == "vnet":

@@ -32,7 +32,7 @@ query attention, ``softmax_N`` and the segmentation/cluster sums run in fp32 isl
 backward the blocks on the two finest grids: enc1, enc2, dec1, dec0, the kMaX layers of the finest kMaX
 scale, and the final predictor as two segments (pixel path; fp32 affinity). The predictor alone is not
 enough: recomputed first in backward, while everything else is still held, it would only move the peak.
-Measured with ``tools/memprobe.py`` (CPU proxy, bf16 autocast, ``results/memprobe_cpu.json``), the
+Measured with ``tools/memprobe.py`` (CPU proxy, bf16 autocast, ``results/perf/memprobe_cpu.json``), the
 ``paper`` step at 2 views × 4 volumes of 112×112×80 keeps ≈ 10.7 kB per voxel without and ≈ 3.6 kB with
 it; the estimated peak falls from ≈ 96 to ≈ 45 GiB. Gradients and BatchNorm statistics are identical
 (tests). There are no host syncs in ``forward`` (no ``.item()``, no branching on tensor values).
@@ -52,6 +52,7 @@ from dkuxnet.models.uxnet import UXNetEncoder
 
 AUTHORS_LAYER_CLASSES = 32  # per-layer class heads of DK-UXNet's kMaX layers (num_classes=32, + bias)
 AUTHORS_FINAL_CLASSES = 133  # final class head of DK-UXNet (132 + 1 void; a COCO leftover)
+SEG_HEADS = ("query", "conv")
 
 
 @dataclass
@@ -59,7 +60,10 @@ class ModelOutput:
     """What every model returns (dkuxnet models contract).
 
     Attributes:
-        seg_logits: B×K×X×Y×Z segmentation logits (softmax over K gives class probabilities).
+        seg_logits: B×K×X×Y×Z segmentation logits (softmax over K gives class probabilities): what the
+            loss supervises and inference reads. The query-based Y = Σ_n Φ[n]·S[n] by default; the conv
+            head's logits when ``seg_head="conv"``.
+        query_seg_logits: Y when ``seg_head="conv"`` (then unsupervised, as in the official script), else None.
         cluster_probs: B×G×X×Y×Z, O[g] = Σ_{n∈g} S[n]; sums to 1 over groups. None for V-Net.
         query_probs: B×N×X×Y×Z, S = softmax_N(L), fp32. None for V-Net.
         query_logits: B×N×X×Y×Z, L, fp32. None for V-Net.
@@ -67,6 +71,7 @@ class ModelOutput:
     """
 
     seg_logits: torch.Tensor
+    query_seg_logits: torch.Tensor | None = None
     cluster_probs: torch.Tensor | None = None
     query_probs: torch.Tensor | None = None
     query_logits: torch.Tensor | None = None
@@ -94,6 +99,8 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(
             f"kmax_scales must be in [1, {len(cfg.widths) - 1}] for {len(cfg.widths)} stages, got {cfg.kmax_scales}"
         )
+    if cfg.seg_head not in SEG_HEADS:
+        raise ValueError(f"seg_head must be one of {SEG_HEADS}, got {cfg.seg_head!r}")
     if not cfg.query_groups or min(cfg.query_groups) < 1 or sum(cfg.query_groups) != cfg.num_queries:
         raise ValueError(
             f"query_groups must be positive sizes summing to num_queries={cfg.num_queries}, got {cfg.query_groups}"
@@ -131,6 +138,10 @@ class DKUXNet(nn.Module):
         trunc_normal_(self.cluster_centers, 1.0)
         self.mask_embed = ConvBN(c, c, 1, act=True)
         self.predictor = AssignmentHead(w[0], c, cfg.embed_dim)
+        # the authors' conv head (``decoder1`` ResBlock + 1³ ``out`` conv on dec0), built for seg_head="conv"
+        self.conv_head = (
+            nn.Sequential(ResBlock3d(w[0], w[0]), nn.Conv3d(w[0], cfg.num_classes, 1)) if cfg.seg_head == "conv" else None
+        )
         self.mlp = nn.Sequential(  # over all flattened centres (C·N, channel-major) → N·K
             nn.Linear(cfg.num_queries * c, cfg.mlp_hidden),
             nn.ReLU(),
@@ -164,7 +175,11 @@ class DKUXNet(nn.Module):
             probs = logits.float().softmax(dim=1)  # B×N×X×Y×Z
             seg = torch.einsum("bnk,bnxyz->bkxyz", phi.float(), probs)  # B×K×X×Y×Z
             clusters = torch.stack([p.sum(dim=1) for p in probs.split(self.group_sizes, dim=1)], dim=1)  # B×G×X×Y×Z
-        return ModelOutput(seg_logits=seg, cluster_probs=clusters, query_probs=probs, query_logits=logits, aux=aux)
+        out = ModelOutput(seg_logits=seg, cluster_probs=clusters, query_probs=probs, query_logits=logits, aux=aux)
+        if self.conv_head is not None:
+            out.query_seg_logits = seg
+            out.seg_logits = self.conv_head(decoded[-1])  # B×K×X×Y×Z
+        return out
 
 
 def _count(module: nn.Module) -> int:
@@ -177,7 +192,8 @@ def authors_dead_parts(cfg: ModelConfig) -> dict[str, int]:
     ``DKUNET`` always builds ``kmax_layers_per_scale`` kMaX layers for every decoder scale but the finest
     (each with a 32-way class head), a class-embedding projection, a 133-way final class head, a GRN per
     UX block and a conv head (ResBlock w0→w0 + 1³ conv w0→K); none of them influences its outputs.
-    Our count plus the sum of the values is the authors' class: 65,503,397 for ``official`` and ``paper``.
+    Our count plus the sum of the values is the authors' class: 65,503,397 for ``official`` and ``paper``
+    (with ``seg_head="conv"`` the conv head is built and supervised, so it is not counted here).
     """
     c = cfg.query_dim
     with torch.device("meta"):
@@ -191,7 +207,7 @@ def authors_dead_parts(cfg: ModelConfig) -> dict[str, int]:
     built = cfg.kmax_scales * cfg.kmax_layers_per_scale
     return {
         "grn": sum(2 * 4 * w * d for w, d in zip(cfg.widths, cfg.depths)),
-        "conv_head": conv_head,
+        "conv_head": 0 if cfg.seg_head == "conv" else conv_head,
         "unused_kmax_layers": sum(_count(m) for m in unused) + len(unused) * class_head,
         "kmax_class_heads": built * class_head,
         "class_embedding": c * c + 2 * c,
@@ -207,6 +223,8 @@ def parts(model: DKUXNet) -> dict[str, int]:
     out |= {f"dec{n_dec - 1 - i}": _count(m) for i, m in enumerate(model.decoders)}
     for i, layer in enumerate(model.kmax):
         out[f"kmax.dec{n_dec - 1 - i // model.layers_per_scale}.{i % model.layers_per_scale}"] = _count(layer)
+    if model.conv_head is not None:
+        out["conv_head"] = _count(model.conv_head)
     out |= {
         "mask_embedding": _count(model.mask_embed),
         "predictor": _count(model.predictor),

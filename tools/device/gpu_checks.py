@@ -5,12 +5,14 @@ Stages (comma-separated ``--stages``; each writes into ``--out`` and never stops
 
 * ``env``      card, driver, torch / CUDA / cuDNN versions, commit;
 * ``smoke``    the ``tiny`` preset's training step and protocol inference on the device (finds CUDA-path
-               bugs in seconds, before the expensive stages);
+               bugs in seconds, before the expensive stages), and the host syncs of the training step
+               (``torch.cuda.set_sync_debug_mode("warn")``; the list should be empty);
 * ``fwdbwd``   (#3) forward + backward of the model at 1×1×112×112×80 with the supervised loss, bf16
                autocast: median ms and peak GiB, with and without activation checkpointing;
 * ``bench``    (#7) :func:`dkuxnet.bench.run_bench` on synthetic volumes: the preset's training step
-               (2 views × (2 + 2)) with and without checkpointing, batch 1 + 1, and ``vnet``; protocol
-               inference s/volume;
+               (2 views × (2 + 2)) as configured, with checkpointing toggled, at batch 1 + 1, in
+               channels_last_3d (and compiled with ``--compile``), and ``vnet``; protocol inference
+               s/volume for each;
 * ``train``    (#4) ``dkuxnet train`` at ``--label-ratio`` on ``--data`` for ``--iterations`` (resumes
                when the run folder already holds a checkpoint, so a long run spans several commands);
 * ``eval``     (#5) ``dkuxnet evaluate --mode protocol`` of the train stage's checkpoint on the 20 test
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,10 +47,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from dkuxnet.bench import run_bench  # noqa: E402
+from dkuxnet.bench import run_bench, synthetic_bank  # noqa: E402
 from dkuxnet.checkpoint import load_checkpoint  # noqa: E402
 from dkuxnet.config import Config, get_preset  # noqa: E402
 from dkuxnet.data import read_case  # noqa: E402
+from dkuxnet.engine import build_run, train_step  # noqa: E402
 from dkuxnet.inference import predict_protocol, resolve_device  # noqa: E402
 from dkuxnet.losses import semi_supervised_loss  # noqa: E402
 from dkuxnet.models import create_model  # noqa: E402
@@ -75,9 +79,31 @@ def stage_env(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     }
 
 
+def host_syncs_in_step(cfg: Config, dev: torch.device, steps: int = 3) -> list[str]:
+    """Messages of ``torch.cuda.set_sync_debug_mode("warn")`` during ``steps`` training steps after a warm-up
+    step (empty = no host sync). On a CPU there is nothing to detect: always empty."""
+    bank = synthetic_bank(tuple(cfg.data.patch_size), 4, dev)
+    run = build_run(cfg, bank, 2, dev)
+    train_step(run)
+    if dev.type != "cuda":
+        return []
+    torch.cuda.synchronize(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                train_step(run)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sorted({str(w.message).splitlines()[0] for w in caught})
+
+
 def stage_smoke(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     small = {"data.patch_size": [32, 32, 32]}
-    return run_bench(presets=["tiny"], device=dev, steps=2, warmup=1, overrides=small)["presets"]["tiny"]
+    result = run_bench(presets=["tiny"], device=dev, steps=2, warmup=1, overrides=small)["presets"]["tiny"]
+    result["host_syncs_in_step"] = host_syncs_in_step(get_preset("tiny").override(**small), dev)
+    return result
 
 
 def _fwdbwd(cfg: Config, dev: torch.device, patch: tuple[int, int, int], steps: int) -> dict[str, Any]:
@@ -120,10 +146,14 @@ def stage_fwdbwd(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
 
 def stage_bench(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     patch = {"data.patch_size": list(a.patch)}
+    ckpt = get_preset(a.preset).model.checkpoint_activations
     variants = {
-        f"{a.preset}, no checkpointing": (a.preset, {"model.checkpoint_activations": False}),
+        f"{a.preset}, {'no' if ckpt else 'with'} checkpointing": (a.preset, {"model.checkpoint_activations": not ckpt}),
         f"{a.preset}, batch 1+1": (a.preset, {"data.labeled_bs": 1, "data.unlabeled_bs": 1}),
+        f"{a.preset}, channels_last_3d": (a.preset, {"train.channels_last": True}),
     }
+    if a.compile:
+        variants[f"{a.preset}, torch.compile"] = (a.preset, {"train.compile": True})
     result = run_bench(presets=[a.preset, "vnet"], device=dev, steps=a.steps, warmup=3, overrides=patch,
                        variants=variants)
     write_json(Path(a.out) / f"bench_{a.preset}.json", result)
@@ -219,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=300, help="train stage: total iterations of the run")
     ap.add_argument("--steps", type=int, default=8, help="timed steps in fwdbwd and bench")
     ap.add_argument("--loop-cases", type=int, default=2, help="eval stage: test volumes for the loop check")
+    ap.add_argument("--compile", action="store_true", help="bench stage: also a torch.compile variant (slow start)")
     ap.add_argument("--device", default=None)
     a = ap.parse_args(argv)
     a.patch = list(a.patch or get_preset(a.preset).data.patch_size)
@@ -258,6 +289,9 @@ def summary_table(report: dict[str, Any]) -> str:
             continue
         if "error" in r:
             lines.append(f"{stage}: FAILED {r['error'][:200]}")
+        elif stage == "smoke":
+            lines.append(f"smoke: tiny step {r['ms_per_step']:.1f} ms; host syncs in the step: "
+                         f"{len(r['host_syncs_in_step'])} {r['host_syncs_in_step'][:3]}")
         elif stage == "fwdbwd":
             lines += [f"fwdbwd {k}: {v.get('ms', float('nan')):.1f} ms, peak {v.get('peak_gib')} GiB"
                       if "error" not in v else f"fwdbwd {k}: {v['error'][:120]}" for k, v in r.items()
