@@ -34,7 +34,7 @@ scale, and the final predictor as two segments (pixel path; fp32 affinity). The 
 enough: recomputed first in backward, while everything else is still held, it would only move the peak.
 Measured with ``tools/memprobe.py`` (CPU proxy, bf16 autocast, ``results/perf/memprobe_cpu.json``), the
 ``paper`` step at 2 views × 4 volumes of 112×112×80 keeps ≈ 10.7 kB per voxel without and ≈ 3.6 kB with
-it; the estimated peak falls from ≈ 96 to ≈ 45 GiB. Gradients and BatchNorm statistics are identical
+it; the estimated peak falls from ≈ 97 to ≈ 45 GiB. Gradients and BatchNorm statistics are identical
 (tests). There are no host syncs in ``forward`` (no ``.item()``, no branching on tensor values).
 """
 
