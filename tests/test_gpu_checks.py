@@ -22,6 +22,10 @@ def test_gpu_checks_rehearsal_on_cpu(phantom_root, tmp_path, capsys):
     args = ["--out", str(out), "--data", str(phantom_root), "--run-dir", str(run), "--preset", "tiny",
             "--patch", "32", "32", "32", "--iterations", "2", "--steps", "1", "--loop-cases", "1", "--device", "cpu"]
     assert checks.main(["--stages", "env,smoke,fwdbwd,bench,train", *args]) == 0
+    smoke = json.loads((out / "checks.json").read_text())["smoke"]
+    assert smoke["host_syncs_in_step"] == []  # nothing to detect on a CPU; on CUDA the list names each sync
+    assert set(smoke["relative_error_vs_cpu_fp64"]) == {"fp32.seg_logits", "fp32.query_probs"}
+    assert max(smoke["relative_error_vs_cpu_fp64"].values()) < 1e-5
     assert checks.main(["--stages", "train,eval", *args, "--iterations", "3"]) == 0  # resumes 2 -> 3
     report = json.loads((out / "checks.json").read_text())
     assert set(report) >= {"args", "train", "eval"}

@@ -115,12 +115,13 @@ def test_kmeans_update_equals_dense_formula_and_empty_query_is_zero():
     r = kmeans_update(values, index, 7)  # B×C×N
     one_hot = F.one_hot(index, 7).double()  # B×V×N
     dense = torch.einsum("bvn,bcv->bcn", one_hot, values)
-    assert r.dtype == torch.float32 and r.shape == (3, 6, 7)
-    torch.testing.assert_close(r, dense.float())
-    assert torch.equal(r[:, :, 4], torch.zeros(3, 6))
-    weights = torch.randn(3, 6, 7, generator=gen)
+    assert r.dtype == torch.float64 and r.shape == (3, 6, 7)  # never below the input's precision
+    torch.testing.assert_close(r, dense)
+    assert torch.equal(r[:, :, 4], torch.zeros(3, 6, dtype=torch.float64))
+    assert kmeans_update(values.detach().bfloat16(), index, 7).dtype == torch.float32  # bf16 is upcast
+    weights = torch.randn(3, 6, 7, generator=gen, dtype=torch.float64)
     (grad,) = torch.autograd.grad((r * weights).sum(), values)
-    (grad_dense,) = torch.autograd.grad((dense * weights.double()).sum(), values)
+    (grad_dense,) = torch.autograd.grad((dense * weights).sum(), values)
     torch.testing.assert_close(grad, grad_dense)
     with pytest.raises(ValueError, match="index"):
         kmeans_update(values, index[:, :10], 7)
@@ -289,3 +290,15 @@ def test_two_networks_one_per_view_in_training_first_in_eval():
         model.train()(x[:3])
     with pytest.raises(ValueError, match="dkuxnet"):
         create_model(dataclasses.replace(get_preset("vnet").model, two_networks=True))
+
+
+def test_float64_model_stays_float64_and_agrees_with_float32():
+    model = _model().eval()
+    x = _input()
+    with torch.no_grad():
+        low = model(x)
+        high = model.double()(x.double())
+    for name in ("seg_logits", "query_probs", "cluster_probs"):
+        a, b = getattr(low, name), getattr(high, name)
+        assert b.dtype == torch.float64, name  # the fp32 islands upcast, never downcast
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-4, name

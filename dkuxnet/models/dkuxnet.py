@@ -47,7 +47,7 @@ from torch import nn
 
 from dkuxnet.config import ModelConfig
 from dkuxnet.models.blocks import ResBlock3d, UpBlock3d, maybe_checkpoint
-from dkuxnet.models.kmax import AssignmentHead, ConvBN, KMaXLayer, fp32_island, trunc_normal_
+from dkuxnet.models.kmax import AssignmentHead, ConvBN, KMaXLayer, fp32_island, trunc_normal_, upcast
 from dkuxnet.models.uxnet import UXNetEncoder
 
 AUTHORS_LAYER_CLASSES = 32  # per-layer class heads of DK-UXNet's kMaX layers (num_classes=32, + bias)
@@ -172,8 +172,8 @@ class DKUXNet(nn.Module):
         logits = self.predictor(decoded[-1], self.mask_embed(z), checkpoint=ckpt)  # B×N×X×Y×Z
         phi = self.mlp(z.flatten(1)).view(b, self.num_queries, self.num_classes)  # B×N×K
         with fp32_island(x.device):
-            probs = logits.float().softmax(dim=1)  # B×N×X×Y×Z
-            seg = torch.einsum("bnk,bnxyz->bkxyz", phi.float(), probs)  # B×K×X×Y×Z
+            probs = upcast(logits).softmax(dim=1)  # B×N×X×Y×Z
+            seg = torch.einsum("bnk,bnxyz->bkxyz", upcast(phi), probs)  # B×K×X×Y×Z
             clusters = torch.stack([p.sum(dim=1) for p in probs.split(self.group_sizes, dim=1)], dim=1)  # B×G×X×Y×Z
         out = ModelOutput(seg_logits=seg, cluster_probs=clusters, query_probs=probs, query_logits=logits, aux=aux)
         if self.conv_head is not None:

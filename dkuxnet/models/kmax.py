@@ -34,8 +34,13 @@ def _batch_norm(dims: int, channels: int) -> nn.modules.batchnorm._BatchNorm:
 
 
 def fp32_island(device: torch.device) -> torch.autocast:
-    """Autocast disabled on ``device``: inside, ops run in the dtype of their inputs (upcast them with ``.float()``)."""
+    """Autocast disabled on ``device``: inside, ops run in the dtype of their inputs (upcast them with :func:`upcast`)."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 → fp32; fp32 and fp64 unchanged (a float64 model stays float64 for reference checks)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class ConvBN(nn.Module):
@@ -118,13 +123,14 @@ def kmeans_update(values: torch.Tensor, index: torch.Tensor, num_queries: int) -
         num_queries: N.
 
     Returns:
-        R, B×C×N float32.
+        R, B×C×N in float32 (float64 for float64 values).
     """
     if values.dim() != 3 or index.shape != (values.shape[0], values.shape[2]):
         raise ValueError(f"values must be B×C×V and index B×V, got {tuple(values.shape)} and {tuple(index.shape)}")
     b, c, v = values.shape
     with fp32_island(values.device):
-        rows = values.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # B×V×C
+        dtype = torch.promote_types(values.dtype, torch.float32)
+        rows = values.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)  # B×V×C, one copy
         offset = torch.arange(b, device=index.device).unsqueeze(1) * num_queries  # B×1
         target = (index + offset).reshape(b * v)  # B·V
         r = rows.new_zeros(b * num_queries, c).index_add(0, target, rows.reshape(b * v, c))  # B·N×C
@@ -161,8 +167,8 @@ class AssignmentHead(nn.Module):
         """M = BN₁(Qcᵀ · L2norm(Kp)) in fp32: Kp B×E×X×Y×Z, Qc B×E×N → B×N×X×Y×Z."""
         b, n, spatial = qc.shape[0], qc.shape[2], kp.shape[2:]
         with fp32_island(kp.device):
-            kp = F.normalize(kp.float().flatten(2), dim=1)  # B×E×V
-            m = torch.bmm(qc.float().transpose(1, 2), kp)  # B×N×V
+            kp = F.normalize(upcast(kp).flatten(2), dim=1)  # B×E×V
+            m = torch.bmm(upcast(qc).transpose(1, 2), kp)  # B×N×V
             m = self.affinity_norm(m.view(b, 1, -1))  # B×1×(N·V): one BN channel over every entry
         return m.view(b, n, *spatial)
 
@@ -197,9 +203,9 @@ class QueryAttention(nn.Module):
         h = self.num_heads
         q, k, v = self.qkv(u).split([self.key_dim, self.key_dim, c], dim=1)
         with fp32_island(u.device):
-            q = q.float().reshape(b, h, self.key_dim // h, n)  # B×h×d×N
-            k = k.float().reshape(b, h, self.key_dim // h, n)  # B×h×d×N
-            v = v.float().reshape(b, h, c // h, n)  # B×h×dv×N
+            q = upcast(q).reshape(b, h, self.key_dim // h, n)  # B×h×d×N
+            k = upcast(k).reshape(b, h, self.key_dim // h, n)  # B×h×d×N
+            v = upcast(v).reshape(b, h, c // h, n)  # B×h×dv×N
             logits = self.logit_norm(torch.einsum("bhdl,bhdm->bhlm", q, k))  # B×h×N×N
             attn = logits.softmax(dim=-1)  # B×h×N×N, over keys
             out = torch.einsum("bhlm,bhdm->bhdl", attn, v).reshape(b, c, n)  # B×C×N

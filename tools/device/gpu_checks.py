@@ -6,7 +6,8 @@ Stages (comma-separated ``--stages``; each writes into ``--out`` and never stops
 * ``env``      card, driver, torch / CUDA / cuDNN versions, commit;
 * ``smoke``    the ``tiny`` preset's training step and protocol inference on the device (finds CUDA-path
                bugs in seconds, before the expensive stages), and the host syncs of the training step
-               (``torch.cuda.set_sync_debug_mode("warn")``; the list should be empty);
+               (``torch.cuda.set_sync_debug_mode("warn")``; the list should be empty), and the relative
+               error of the device's fp32 and bf16 outputs against float64 on the CPU;
 * ``fwdbwd``   (#3) forward + backward of the model at 1×1×112×112×80 with the supervised loss, bf16
                autocast: median ms and peak GiB, with and without activation checkpointing;
 * ``bench``    (#7) :func:`dkuxnet.bench.run_bench` on synthetic volumes: the preset's training step
@@ -99,10 +100,38 @@ def host_syncs_in_step(cfg: Config, dev: torch.device, steps: int = 3) -> list[s
     return sorted({str(w.message).splitlines()[0] for w in caught})
 
 
+def device_vs_cpu(cfg: Config, dev: torch.device) -> dict[str, float]:
+    """‖out − ref‖ / ‖ref‖ of the eval-mode model on ``dev`` (fp32, and bf16 autocast on CUDA) against the
+    same weights and input in float64 on the CPU (METHOD.md "correct first"). The hard k-means assignment is
+    discontinuous, so a few flipped voxels can make these larger than the precision alone would."""
+    torch.manual_seed(0)
+    model = create_model(cfg).eval()
+    x = torch.randn(2, 1, *cfg.data.patch_size)
+    with torch.no_grad():
+        ref = model.double()(x.double())
+        model.float().to(dev)
+        runs = {"fp32": lambda: model(x.to(dev))}
+        if dev.type == "cuda":
+            runs["bf16_autocast"] = lambda: _autocast_call(model, x.to(dev))
+        out = {}
+        for name, fn in runs.items():
+            got = fn()
+            for field in ("seg_logits", "query_probs"):
+                r, g = getattr(ref, field), getattr(got, field).double().cpu()
+                out[f"{name}.{field}"] = float((g - r).norm() / r.norm())
+    return out
+
+
+def _autocast_call(model: torch.nn.Module, x: torch.Tensor) -> Any:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return model(x)
+
+
 def stage_smoke(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     small = {"data.patch_size": [32, 32, 32]}
     result = run_bench(presets=["tiny"], device=dev, steps=2, warmup=1, overrides=small)["presets"]["tiny"]
     result["host_syncs_in_step"] = host_syncs_in_step(get_preset("tiny").override(**small), dev)
+    result["relative_error_vs_cpu_fp64"] = device_vs_cpu(get_preset("tiny").override(**small), dev)
     return result
 
 
@@ -290,8 +319,9 @@ def summary_table(report: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"{stage}: FAILED {r['error'][:200]}")
         elif stage == "smoke":
+            errors = {k: f"{v:.1e}" for k, v in r["relative_error_vs_cpu_fp64"].items()}
             lines.append(f"smoke: tiny step {r['ms_per_step']:.1f} ms; host syncs in the step: "
-                         f"{len(r['host_syncs_in_step'])} {r['host_syncs_in_step'][:3]}")
+                         f"{len(r['host_syncs_in_step'])} {r['host_syncs_in_step'][:3]}; vs CPU fp64: {errors}")
         elif stage == "fwdbwd":
             lines += [f"fwdbwd {k}: {v.get('ms', float('nan')):.1f} ms, peak {v.get('peak_gib')} GiB"
                       if "error" not in v else f"fwdbwd {k}: {v['error'][:120]}" for k, v in r.items()
