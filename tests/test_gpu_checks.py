@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from dkuxnet.results import validate_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +34,9 @@ def test_gpu_checks_rehearsal_on_cpu(phantom_root, tmp_path, capsys):
     first = json.loads((out / "bench_tiny.json").read_text())  # written by the first call's bench stage
     assert first["device"].startswith("cpu") and first["presets"]["tiny"]["ms_per_step"] > 0
     assert json.loads((out / "train_summary.json").read_text())["iterations"] == 3
+    result = json.loads((out / "result.json").read_text())
+    validate_result(result)  # valid in the results/ schema, labelled as a short check run
+    assert result["iterations"] == 3 and result["schedule"].startswith("shortened") and "check run" in result["notes"]
     assert (out / "eval_per_case.csv").read_text().count("\n") == 1 + len((phantom_root / "test.list").read_text().split())
     (loop,) = report["eval"]["loop_check"]
     assert loop["dice_batched_vs_loop"] == 1.0 and loop["voxels_differing"] == 0  # fp32 on CPU: same masks

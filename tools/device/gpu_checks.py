@@ -22,7 +22,8 @@ Stages (comma-separated ``--stages``; each writes into ``--out`` and never stops
 
 Files in ``--out`` (at most 8, small): ``checks.json`` (env, smoke, fwdbwd, bench, loop check),
 ``bench_<preset>.json``, ``train_summary.json`` (config included), ``train_metrics.jsonl``,
-``eval_summary.json``, ``eval_per_case.csv``, ``commands.log`` (output of the dkuxnet commands). The script prints a short table last. On a CPU it rehearses everything with
+``eval_summary.json``, ``eval_per_case.csv``, ``result.json`` (the evaluated run in the ``results/`` schema,
+schedule labelled "shortened"), ``commands.log`` (output of the dkuxnet commands). The script prints a short table last. On a CPU it rehearses everything with
 ``--preset tiny --patch 32 32 32`` on a phantom folder (tests/test_gpu_checks.py does that).
 """
 
@@ -56,9 +57,11 @@ from dkuxnet.engine import build_run, train_step  # noqa: E402
 from dkuxnet.inference import predict_protocol, resolve_device  # noqa: E402
 from dkuxnet.losses import semi_supervised_loss  # noqa: E402
 from dkuxnet.models import create_model  # noqa: E402
-from dkuxnet.results import device_name, git_commit, write_json  # noqa: E402
+from dkuxnet.results import build_result, device_name, git_commit, save_result, write_json  # noqa: E402
 
 STAGES = ("env", "smoke", "fwdbwd", "bench", "train", "eval")
+RESULT_NOTE = ("check run of tools/device/gpu_checks.py: a short schedule that shows training and evaluation "
+               "work on the real data; not a reproduction of the paper's numbers")
 
 
 def _sync(dev: torch.device) -> None:
@@ -243,6 +246,9 @@ def stage_eval(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
               "--mode", "protocol", "--device", str(dev)], out / "commands.log")
     for name in ("summary.json", "per_case.csv"):
         shutil.copy(ev / name, out / f"eval_{name}")
+    summary = json.loads((ev / "summary.json").read_text())
+    save_result(out / "result.json", build_result(summary, name=f"{a.preset}-ratio{a.label_ratio}-gpu-check",
+                                                  notes=RESULT_NOTE))
     ckpt = load_checkpoint(run / "last.pt", map_location=dev)
     cfg = Config.from_dict(ckpt["config"])
     model = create_model(cfg).to(dev)
@@ -263,7 +269,7 @@ def stage_eval(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
         dice = 2 * int((pa & pb).sum()) / denom if denom else 1.0
         rows.append({"case": case, "dice_batched_vs_loop": dice, "batched_s": ta, "loop_s": tb,
                      "voxels_differing": int((pa ^ pb).sum()), "foreground_voxels": int(pa.sum())})
-    return {"eval_summary": json.loads((ev / "summary.json").read_text()), "loop_check": rows}
+    return {"eval_summary": summary, "loop_check": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
