@@ -23,7 +23,7 @@ import datetime
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,25 +77,47 @@ def synthetic_bank(shape: tuple[int, int, int], n: int, device: torch.device, se
     return VolumeBank(images=images, labels=labels, ids=[f"synthetic{i}" for i in range(n)]).to(device)
 
 
-def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the distinct storages autograd keeps for backward from the tensors ``fn()`` creates.
+def saved_tensor_bytes_by_part(
+    fn: Callable[[], Any], parts: Mapping[str, torch.nn.Module], exclude: Iterable[torch.Tensor] = (),
+    outside: str = "other",
+) -> dict[str, int]:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn()`` runs, by part.
 
-    Storages of ``exclude`` (the parameters) are not counted; nor is what a non-reentrant checkpoint
-    inside ``fn`` recomputes in backward (its own hooks take precedence). The activation memory a
-    training step holds between forward and backward, on any device (engineering.md B.2).
+    Each storage is attributed to the innermost module of ``parts`` (name → module) whose forward was
+    running when autograd saved it, else to ``outside``. Storages of ``exclude`` (the parameters) are not
+    counted; nor is what a non-reentrant checkpoint inside ``fn`` recomputes in backward (its own hooks
+    take precedence). The activation memory a training step holds between forward and backward, on any
+    device (engineering.md B.2).
     """
     skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[str, int]] = {}
+    stack = [outside]
+    handles = []
+    for name, module in parts.items():
+        handles.append(module.register_forward_pre_hook(lambda m, args, n=name: stack.append(n)))
+        handles.append(module.register_forward_hook(lambda m, args, out: stack.pop() and None))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in skip and storage.data_ptr() not in seen:
+            seen[storage.data_ptr()] = (stack[-1], storage.nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    out: dict[str, int] = {}
+    for name, nbytes in seen.values():
+        out[name] = out.get(name, 0) + nbytes
+    return out
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Total of :func:`saved_tensor_bytes_by_part`: the bytes autograd keeps for backward from ``fn()``."""
+    return sum(saved_tensor_bytes_by_part(fn, {}, exclude).values())
 
 
 def _bench_data(cfg: Config, device: torch.device, data_dir: Path | None) -> tuple[VolumeBank, int, torch.Tensor]:
@@ -284,6 +306,31 @@ def _memprobe_section(path: Path, d: dict[str, Any]) -> list[str]:
             f"| {r['saved_bytes_per_voxel'] / 1000:.1f} kB / voxel | {r['peak_bytes_per_voxel'] / 1000:.1f} kB / voxel "
             f"| ≈ {r['estimated_peak_gib']:.0f} GiB at {'×'.join(map(str, r['estimate_at']))} |"
         )
+    return lines + [""] + _breakdown_table(d.get("rows", []))
+
+
+def _breakdown_table(rows: list[dict[str, Any]], top: int = 12) -> list[str]:
+    """Kept bytes per voxel by model part, one column per variant; the ``top`` largest parts, then the rest."""
+    rows = [r for r in rows if r.get("saved_bytes_per_voxel_by_part")]
+    if not rows:
+        return []
+    first = rows[0]["saved_bytes_per_voxel_by_part"]
+    names = list(first)[:top]
+    heads = [", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["overrides"].items()) or r["preset"] for r in rows]
+    lines = [
+        "Where the kept bytes are saved (the part whose forward saved each tensor first; the loss and the "
+        "model's output operations count as parts), kB per voxel:",
+        "",
+        "| part | " + " | ".join(heads) + " |",
+        "| --- |" + " --- |" * len(rows),
+    ]
+    for name in [*names, "other parts"]:
+        cells = []
+        for r in rows:
+            parts = r["saved_bytes_per_voxel_by_part"]
+            value = sum(v for k, v in parts.items() if k not in names) if name == "other parts" else parts.get(name, 0.0)
+            cells.append(f"{value / 1000:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

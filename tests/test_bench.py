@@ -51,6 +51,12 @@ def test_memprobe_tool_reports_less_activation_memory_with_checkpointing(tmp_pat
     assert [r["overrides"] for r in rows] == [{"model.checkpoint_activations": v} for v in (False, True)]
     assert 0 < ckpt < 0.5 * plain
     assert all(r["estimated_peak_gib"] > 0 and r["batch"] == 8 for r in rows)
+    for r in rows:  # the breakdown by part adds up to the total
+        by_part = r["saved_bytes_per_voxel_by_part"]
+        assert abs(sum(by_part.values()) - r["saved_bytes_per_voxel"]) < 1e-6 * r["saved_bytes_per_voxel"]
+    plain_parts, ckpt_parts = (r["saved_bytes_per_voxel_by_part"] for r in rows)
+    assert plain_parts["predictor"] > 5 * ckpt_parts["predictor"] and plain_parts["dec0"] > 0 == ckpt_parts.get("dec0", 0)
+    assert plain_parts["loss"] > 0
 
 
 def test_perf_report_renders_bench_and_memory_files(tmp_path):
@@ -67,6 +73,7 @@ def test_perf_report_renders_bench_and_memory_files(tmp_path):
     assert f"| {bench['presets']['tiny, with checkpointing']['ms_per_step']:.1f} |" in row
     assert "**NVIDIA T4**" in text and "out of memory: x" in text and "No GPU benchmark" not in text
     assert text.count("kB / voxel") == 4 and "not a GPU measurement" in text
+    assert "| predictor |" in text and "| other parts |" in text  # the breakdown table
 
 
 def test_perf_report_cli(tmp_path, capsys):

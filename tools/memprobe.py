@@ -5,7 +5,8 @@ For each ``--set`` variant, a fresh process runs one forward (bf16 autocast on t
 the GPU) + loss + backward of the real model and loss at a reduced patch and reports, per voxel of the
 batch (2 views × (labeled + unlabeled) volumes):
 
-* ``saved``: bytes autograd keeps between forward and backward (:func:`dkuxnet.bench.saved_tensor_bytes`);
+* ``saved``: bytes autograd keeps between forward and backward, in total and by model part
+  (:func:`dkuxnet.bench.saved_tensor_bytes_by_part`; the loss and the model-level output ops are parts too);
 * ``peak``: the peak resident memory of the process above its level before the forward (with glibc's
   mmap threshold at 64 KiB, so that freed tensors leave the process at once and RSS follows live tensors).
 
@@ -40,11 +41,11 @@ def probe(preset: str, patch: tuple[int, int, int], overrides: dict[str, object]
     """One measurement in this process (run it in a fresh process: peak RSS is per process)."""
     import torch
 
-    from dkuxnet.bench import saved_tensor_bytes
+    from dkuxnet.bench import saved_tensor_bytes_by_part
     from dkuxnet.config import get_preset
     from dkuxnet.engine import effective_unlabeled_bs
     from dkuxnet.losses import semi_supervised_loss
-    from dkuxnet.models import create_model
+    from dkuxnet.models import DKUXNet, create_model, named_parts
 
     cfg = get_preset(preset).override(**overrides)
     n_lab, views = cfg.data.labeled_bs, cfg.data.views
@@ -56,22 +57,31 @@ def probe(preset: str, patch: tuple[int, int, int], overrides: dict[str, object]
     x = torch.randn(batch, 1, *patch)
     y = (torch.rand(n_lab, *patch) > 0.7).long()
 
+    class Loss(torch.nn.Module):  # a module only so that the breakdown can name the loss's share
+        def forward(self, out: object) -> torch.Tensor:
+            return semi_supervised_loss(out, y, n_lab, views, cfg.loss, 0, model.group_sizes)[0]
+
+    loss = Loss()
+
     def step() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
-        return semi_supervised_loss(out, y, n_lab, views, cfg.loss, 0, model.group_sizes)[0]
+        return loss(out)
 
     base, t0 = _rss(), time.perf_counter()
     step().backward()  # first, so that the process's peak RSS belongs to this step
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     seconds = time.perf_counter() - t0
-    saved = saved_tensor_bytes(step, model.parameters())
+    named = {**(named_parts(model) if isinstance(model, DKUXNet) else {}), "loss": loss}
+    by_part = saved_tensor_bytes_by_part(step, named, model.parameters(), outside="outputs (softmax, sums)")
+    saved = sum(by_part.values())
     voxels = batch * patch[0] * patch[1] * patch[2]
     target = batch * TARGET_PATCH[0] * TARGET_PATCH[1] * TARGET_PATCH[2]
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "preset": preset, "overrides": overrides, "batch": batch, "patch": list(patch),
         "saved_bytes_per_voxel": saved / voxels, "peak_bytes_per_voxel": peak / voxels,
+        "saved_bytes_per_voxel_by_part": {k: v / voxels for k, v in sorted(by_part.items(), key=lambda kv: -kv[1])},
         "parameters": n_params, "seconds": seconds,
         "estimate_at": [batch, 1, *TARGET_PATCH],
         "estimated_saved_gib": saved / voxels * target / 2**30,

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from dkuxnet.config import Config, ModelConfig, get_preset
-from dkuxnet.models.dkuxnet import DKUXNet, ModelOutput, authors_dead_parts, parts
+from dkuxnet.models.dkuxnet import DKUXNet, ModelOutput, authors_dead_parts, named_parts, parts
 from dkuxnet.models.dual import TwoNetworks
 from dkuxnet.models.kmax import hard_assignment, kmeans_update
 from dkuxnet.models.vnet import VNet
 
 __all__ = [
     "DKUXNet", "ModelOutput", "TwoNetworks", "VNet", "authors_dead_parts", "create_model", "hard_assignment",
-    "kmeans_update", "model_info",
+    "kmeans_update", "model_info", "named_parts",
 ]
 
 

@@ -215,20 +215,20 @@ def authors_dead_parts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
+def named_parts(model: DKUXNet) -> dict[str, nn.Module]:
+    """The model's components by the names of method.md §3 (encoder, enc1…, dec3…dec0, kmax.dec3.0…, heads)."""
+    n_dec = len(model.decoders)
+    out: dict[str, nn.Module] = {"encoder": model.encoder}
+    out |= {f"enc{i + 1}": m for i, m in enumerate(model.encoders)}
+    out |= {f"dec{n_dec - 1 - i}": m for i, m in enumerate(model.decoders)}
+    for i, layer in enumerate(model.kmax):
+        out[f"kmax.dec{n_dec - 1 - i // model.layers_per_scale}.{i % model.layers_per_scale}"] = layer
+    if model.conv_head is not None:
+        out["conv_head"] = model.conv_head
+    return out | {"mask_embedding": model.mask_embed, "predictor": model.predictor, "mlp": model.mlp}
+
+
 def parts(model: DKUXNet) -> dict[str, int]:
     """Parameter count per component (sums to the total), named as in method.md §3."""
-    n_dec = len(model.decoders)
-    out = {"encoder": _count(model.encoder)}
-    out |= {f"enc{i + 1}": _count(m) for i, m in enumerate(model.encoders)}
-    out |= {f"dec{n_dec - 1 - i}": _count(m) for i, m in enumerate(model.decoders)}
-    for i, layer in enumerate(model.kmax):
-        out[f"kmax.dec{n_dec - 1 - i // model.layers_per_scale}.{i % model.layers_per_scale}"] = _count(layer)
-    if model.conv_head is not None:
-        out["conv_head"] = _count(model.conv_head)
-    out |= {
-        "mask_embedding": _count(model.mask_embed),
-        "predictor": _count(model.predictor),
-        "mlp": _count(model.mlp),
-        "cluster_centers": model.cluster_centers.numel(),
-    }
-    return out
+    counts = {name: _count(module) for name, module in named_parts(model).items()}
+    return counts | {"cluster_centers": model.cluster_centers.numel()}
