@@ -22,8 +22,7 @@ from dkuxnet.errors import DataError
 
 PROFILES = ("smoke", "paper")
 NOTEBOOKS = ("03_train", "04_evaluate")
-SMOKE_ITERATIONS = 40  # smoke training run (03_train)
-SMOKE_ABLATION_ITERATIONS = 10  # smoke, per ablation row (05_ablation): four rows must fit the CI budget
+SMOKE_ITERATIONS = 40  # smoke training run (03_train) and each smoke ablation row (05_ablation)
 SMOKE_PHANTOM_SHAPE = (64, 64, 48)  # small enough for a CPU protocol evaluation in seconds
 # Smoke changes to the tiny preset: about 5x less work per step than its 48x48x32 patches at 2 + 2
 # volumes, so that the whole book builds on a 2-core CPU in minutes; lr 0.01 so that 40 steps give
@@ -82,7 +81,7 @@ def _default_device() -> str:
 
 def resolve_profile(
     profile: str, data_dir: str = "", preset: str = "", label_ratio: float = 0.1, max_iterations: int = 0,
-    seed: int = 1337, device: str = "", run_dir: str = "", notebook: str = "train",
+    seed: int = 1337, device: str = "", run_dir: str = "",
 ) -> Settings:
     """Fill empty notebook parameters with the profile's defaults.
 
@@ -91,15 +90,11 @@ def resolve_profile(
         data_dir: data folder; empty means ``../_build/phantom`` (smoke) or ``../data/LA`` (paper).
         preset: model preset; empty means ``tiny`` (smoke) or ``paper``.
         label_ratio: labeled fraction of ``train.list``.
-        max_iterations: 0 means :data:`SMOKE_ITERATIONS` (smoke), :data:`SMOKE_ABLATION_ITERATIONS` for
-            ``notebook="ablation"`` (smoke, per row), or the preset's full schedule (paper).
+        max_iterations: 0 means :data:`SMOKE_ITERATIONS` (smoke) or the preset's full schedule (paper).
         seed: training seed.
         device: empty means ``cuda`` when available, else ``cpu``.
         run_dir: empty means ``../_build/runs/smoke-r{ratio}-s{seed}`` or ``../runs/paper-r{ratio}-s{seed}``.
-        notebook: ``"train"`` or ``"ablation"`` (which shortens each smoke row further).
     """
-    if notebook not in ("train", "ablation"):
-        raise ValueError(f"notebook must be 'train' or 'ablation', got {notebook!r}")
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
     if not 0.0 < label_ratio <= 1.0:
@@ -110,7 +105,7 @@ def resolve_profile(
     preset = preset or ("tiny" if smoke else "paper")
     if not max_iterations:
         full = get_preset(preset).train.max_iterations
-        max_iterations = (SMOKE_ABLATION_ITERATIONS if notebook == "ablation" else SMOKE_ITERATIONS) if smoke else full
+        max_iterations = SMOKE_ITERATIONS if smoke else full
     base = "../_build/runs" if smoke else "../runs"
     return Settings(
         profile=profile, data_dir=Path(data_dir or ("../_build/phantom" if smoke else "../data/LA")),

@@ -62,8 +62,7 @@ from dkuxnet.reproduce import prepare_data, resolve_profile, train_and_evaluate
 from dkuxnet.results import ABLATION_ROWS, build_result, comparison_table, paper_results
 
 # %%
-settings = resolve_profile(profile, data_dir, preset, label_ratio, max_iterations, seed, device, run_dir,
-                           notebook="ablation")
+settings = resolve_profile(profile, data_dir, preset, label_ratio, max_iterations, seed, device, run_dir)
 root = prepare_data(settings)
 print(f"{settings.max_iterations} iterations per row — {settings.note}")
 
@@ -115,10 +114,11 @@ viz.grouped_bars(
 #
 # - The paper's rows rise from 77.73 (L_seg) to 90.41 (all); its L_seg row is far below the usual
 #   10 % V-Net (82.74, `protocol.md` §4.2 item 5), so part of the gap may be a weak baseline.
-# - In the smoke profile the ramp $r(t)$ is still near zero after a few iterations, so the four rows
-#   differ mostly by which data they sample, and the differences are noise; after so few steps a
-#   row may also predict nothing at all (Dice 0, counted as failed cases). Only paper-profile runs,
-#   over several seeds, can say whether the consistency terms help.
+# - In the smoke profile (40 iterations per row) the ramp $r(t) = e^{-5}$ has not started to rise
+#   (it reaches 1 at iteration 6000), so the consistency terms are practically off: the four rows
+#   differ by which data they sample (the `seg` row sees labeled volumes only) and by chance, and their
+#   differences on the phantom are noise, not an effect of $L_{qdc}$ or $L_{segc}$. Only paper-profile
+#   runs, over several seeds, can say whether the consistency terms help.
 #
 # ## Summary
 #

@@ -20,7 +20,6 @@ def test_smoke_profile_defaults():
     assert s.data_dir == Path("../_build/phantom")
     assert s.run_dir == Path("../_build/runs/smoke-r0.2-s3")
     assert "not comparable to the paper" in s.note and "CPU" in s.note
-    assert resolve_profile("smoke", device="cpu", notebook="ablation").max_iterations == 10
 
 
 def test_paper_profile_defaults_use_the_preset_schedule():
@@ -51,8 +50,7 @@ def test_settings_config_overrides_the_preset():
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"profile": "gpu"}, "profile"), ({"profile": "smoke", "label_ratio": 0.0}, "label_ratio"),
-     ({"profile": "smoke", "max_iterations": -1}, "max_iterations"),
-     ({"profile": "smoke", "notebook": "eval"}, "notebook")],
+     ({"profile": "smoke", "max_iterations": -1}, "max_iterations")],
 )
 def test_bad_parameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
