@@ -41,7 +41,7 @@ REQUIRED = {
     "run_dir": "str",
 }
 CELL_TIMEOUT_S = 600
-NOTEBOOK_TIMEOUT_S = 300  # wall-clock limit of one notebook run (Makefile NB_TIMEOUT); a hung run is retried once
+NOTEBOOK_TIMEOUT_S = 540  # wall-clock limit of one notebook run (Makefile NB_TIMEOUT); a hung run is retried once
 
 
 def _cells(path: Path) -> list[tuple[str, str, list[str]]]:
