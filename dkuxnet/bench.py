@@ -296,15 +296,19 @@ def _memprobe_section(path: Path, d: dict[str, Any]) -> list[str]:
         f"**CPU estimate** ({d.get('method')}; commit `{str(d.get('commit'))[:12]}`, torch {d.get('torch')}, "
         f"{d.get('date')}; file `{path.name}`): not a GPU measurement.",
         "",
-        "| preset, variant | batch × patch measured | kept after forward | peak | estimated peak at the full patch |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    for r in d.get("rows", []):
+    rows = d.get("rows", [])
+    if rows:
+        lines += [
+            f"| variant (measured at {rows[0]['batch']} × {'×'.join(map(str, rows[0]['patch']))}) | kept after forward "
+            f"| peak | estimated peak at {'×'.join(map(str, rows[0]['estimate_at']))} |",
+            "| --- | --- | --- | --- |",
+        ]
+    for r in rows:
         variant = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["overrides"].items()) or "as preset"
         lines.append(
-            f"| `{r['preset']}`, {variant} | {r['batch']} × {'×'.join(map(str, r['patch']))} "
-            f"| {r['saved_bytes_per_voxel'] / 1000:.1f} kB / voxel | {r['peak_bytes_per_voxel'] / 1000:.1f} kB / voxel "
-            f"| ≈ {r['estimated_peak_gib']:.0f} GiB at {'×'.join(map(str, r['estimate_at']))} |"
+            f"| `{r['preset']}`, {variant} | {r['saved_bytes_per_voxel'] / 1000:.1f} kB / voxel "
+            f"| {r['peak_bytes_per_voxel'] / 1000:.1f} kB / voxel | ≈ {r['estimated_peak_gib']:.0f} GiB |"
         )
     return lines + [""] + _breakdown_table(d.get("rows", []))
 
@@ -316,7 +320,8 @@ def _breakdown_table(rows: list[dict[str, Any]], top: int = 12) -> list[str]:
         return []
     first = rows[0]["saved_bytes_per_voxel_by_part"]
     names = list(first)[:top]
-    heads = [", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["overrides"].items()) or r["preset"] for r in rows]
+    heads = [", ".join(f"`{k.split('.')[-1]}={json.dumps(v)}`" for k, v in r["overrides"].items()) or r["preset"]
+             for r in rows]
     lines = [
         "Where the kept bytes are saved (the part whose forward saved each tensor first; the loss and the "
         "model's output operations count as parts), kB per voxel:",
