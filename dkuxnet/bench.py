@@ -222,8 +222,8 @@ def run_bench(
 
     Returns:
         ``device``, ``torch``, ``cuda``, ``cudnn``, ``commit``, ``date``, ``steps``, ``warmup``,
-        ``data`` and ``presets`` = {name: numbers of :func:`bench_preset`, or ``{"error": …}`` when the
-        card ran out of memory}.
+        ``data`` and ``presets`` = {name: numbers of :func:`bench_preset`, or ``{"error": …}`` when that
+        row failed (out of memory, or any other error: the other rows still run)}.
     """
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
@@ -242,6 +242,8 @@ def run_bench(
             )
         except torch.cuda.OutOfMemoryError as exc:
             results[label] = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+        except Exception as exc:  # one failing variant must not lose the others' numbers (GPU time is scarce)
+            results[label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         if cuda:
             torch.cuda.empty_cache()
     result = {

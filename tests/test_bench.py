@@ -83,3 +83,11 @@ def test_perf_report_cli(tmp_path, capsys):
     assert "--results" in capsys.readouterr().err
     assert main(["perf-report", "--results", str(tmp_path), "--out", str(tmp_path / "t.inc")]) == 0
     assert (tmp_path / "t.inc").read_text().startswith("### GPU benchmarks")
+
+
+def test_run_bench_records_a_failing_row_and_runs_the_others(tmp_path):
+    small = {"data.patch_size": [32, 32, 16]}
+    bad = {"broken": ("tiny", {"model.num_queries": 5})}  # query groups no longer sum to N: ValueError
+    result = run_bench(presets=["tiny"], device="cpu", steps=1, warmup=1, overrides=small, variants=bad)
+    assert result["presets"]["broken"]["error"].startswith("ValueError: query_groups")
+    assert result["presets"]["tiny"]["ms_per_step"] > 0

@@ -60,6 +60,7 @@ from dkuxnet.models import create_model  # noqa: E402
 from dkuxnet.results import build_result, device_name, git_commit, save_result, write_json  # noqa: E402
 
 STAGES = ("env", "smoke", "fwdbwd", "bench", "train", "eval")
+CHECKPOINT_EVERY = 50  # train stage: a run cut off by the device command's limit resumes from here
 RESULT_NOTE = ("check run of tools/device/gpu_checks.py: a short schedule that shows training and evaluation "
                "work on the real data; not a reproduction of the paper's numbers")
 
@@ -100,16 +101,25 @@ def host_syncs_in_step(cfg: Config, dev: torch.device, steps: int = 3) -> list[s
                 train_step(run)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sorted({str(w.message).splitlines()[0] for w in caught})
+    return sorted({str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)})
 
 
 def device_vs_cpu(cfg: Config, dev: torch.device) -> dict[str, float]:
-    """‖out − ref‖ / ‖ref‖ of the eval-mode model on ``dev`` (fp32, and bf16 autocast on CUDA) against the
-    same weights and input in float64 on the CPU (METHOD.md "correct first"). The hard k-means assignment is
+    """‖out − ref‖ / ‖ref‖ of the eval-mode model on ``dev`` (fp32 with TF32 off, and bf16 autocast on CUDA)
+    against the same weights and input in float64 on the CPU (METHOD.md "correct first"). The hard k-means assignment is
     discontinuous, so a few flipped voxels can make these larger than the precision alone would."""
     torch.manual_seed(0)
     model = create_model(cfg).eval()
     x = torch.randn(2, 1, *cfg.data.patch_size)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # true fp32, not TF32
+    try:
+        return _device_vs_cpu(model, x, dev)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _device_vs_cpu(model: torch.nn.Module, x: torch.Tensor, dev: torch.device) -> dict[str, float]:
     with torch.no_grad():
         ref = model.double()(x.double())
         model.float().to(dev)
@@ -133,7 +143,8 @@ def _autocast_call(model: torch.nn.Module, x: torch.Tensor) -> Any:
 def stage_smoke(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     small = {"data.patch_size": [32, 32, 32]}
     result = run_bench(presets=["tiny"], device=dev, steps=2, warmup=1, overrides=small)["presets"]["tiny"]
-    result["host_syncs_in_step"] = host_syncs_in_step(get_preset("tiny").override(**small), dev)
+    checkpointed = get_preset("tiny").override(**small, **{"model.checkpoint_activations": True})  # paper's path
+    result["host_syncs_in_step"] = host_syncs_in_step(checkpointed, dev)
     result["relative_error_vs_cpu_fp64"] = device_vs_cpu(get_preset("tiny").override(**small), dev)
     return result
 
@@ -205,14 +216,18 @@ def _dkuxnet(args: list[str], log: Path) -> None:
 def stage_train(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     run, out = Path(a.run_dir), Path(a.out)
     args = ["train", "--preset", a.preset, "--label-ratio", str(a.label_ratio), "--data-dir", str(a.data),
-            "--out", str(run), "--max-iterations", str(a.iterations), "--device", str(dev), "--seed", "1337"]
+            "--out", str(run), "--max-iterations", str(a.iterations), "--device", str(dev), "--seed", "1337",
+            "--set", f"train.checkpoint_every={CHECKPOINT_EVERY}"]  # the same on every call: resume needs it
     if a.patch != list(get_preset(a.preset).data.patch_size):
         args += ["--set", f"data.patch_size={json.dumps(a.patch)}"]
     if (run / "last.pt").exists():
         args.append("--resume")
-    _dkuxnet(args, out / "commands.log")
-    for name in ("summary.json", "metrics.jsonl"):
-        shutil.copy(run / name, out / f"train_{name}")
+    try:
+        _dkuxnet(args, out / "commands.log")
+    finally:  # a run stopped by the command's time limit still leaves its loss curve
+        if (run / "metrics.jsonl").exists():
+            shutil.copy(run / "metrics.jsonl", out / "train_metrics.jsonl")
+    shutil.copy(run / "summary.json", out / "train_summary.json")
     return json.loads((run / "summary.json").read_text())
 
 
@@ -259,17 +274,27 @@ def stage_eval(a: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     for case in cases:
         image, _ = read_case(Path(a.data), case)
         timed = {}
-        for name, fn in (("batched", lambda: predict_protocol(model, image, patch=patch, device=dev)[1].cpu().numpy()),
-                         ("loop", lambda: uamt_loop(model, image, patch, dev)[1])):
+        for name, fn in (
+            ("loop", lambda: uamt_loop(model, image, patch, dev)[1]),
+            ("batched_fp32", lambda: predict_protocol(model, image, patch=patch, device=dev, amp=False)[1].cpu().numpy()),
+            ("batched_bf16", lambda: predict_protocol(model, image, patch=patch, device=dev, amp=True)[1].cpu().numpy()),
+        ):
             _sync(dev)
             t0 = time.perf_counter()
             timed[name] = (fn() > 0.5, time.perf_counter() - t0)
-        (pa, ta), (pb, tb) = timed["batched"], timed["loop"]
-        denom = int(pa.sum() + pb.sum())
-        dice = 2 * int((pa & pb).sum()) / denom if denom else 1.0
-        rows.append({"case": case, "dice_batched_vs_loop": dice, "batched_s": ta, "loop_s": tb,
-                     "voxels_differing": int((pa ^ pb).sum()), "foreground_voxels": int(pa.sum())})
+        loop = timed["loop"][0]
+        row = {"case": case, "loop_s": timed["loop"][1], "foreground_voxels": int(loop.sum())}
+        for name in ("batched_fp32", "batched_bf16"):
+            mask, seconds = timed[name]
+            row |= {f"dice_{name}_vs_loop": _dice(mask, loop), f"{name}_s": seconds,
+                    f"voxels_differing_{name}": int((mask ^ loop).sum())}
+        rows.append(row)
     return {"eval_summary": summary, "loop_check": rows}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    denom = int(a.sum() + b.sum())
+    return 2 * int((a & b).sum()) / denom if denom else 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,10 +366,11 @@ def summary_table(report: dict[str, Any]) -> str:
             lines.append(f"train: {r.get('iterations')} its, {r.get('ms_per_step')} ms/step, peak {r.get('peak_gib')} GiB")
         elif stage == "eval":
             s = r["eval_summary"]
-            means = {k: round(v["mean"], 4) for k, v in s.get("metrics", {}).items()}
+            means = {k: None if v["mean"] is None else round(v["mean"], 4) for k, v in s.get("metrics", {}).items()}
             lines.append(f"eval: {s.get('seconds_per_volume')} s/volume, failed {s.get('n_failed')}, means {means}")
-            lines += [f"loop check {c['case']}: dice {c['dice_batched_vs_loop']:.5f}, batched {c['batched_s']:.2f} s, "
-                      f"loop {c['loop_s']:.2f} s" for c in r["loop_check"]]
+            lines += [f"loop check {c['case']}: Dice vs loop fp32-batched {c['dice_batched_fp32_vs_loop']:.5f}, "
+                      f"bf16-batched {c['dice_batched_bf16_vs_loop']:.5f}; s: loop {c['loop_s']:.2f}, "
+                      f"fp32 {c['batched_fp32_s']:.2f}, bf16 {c['batched_bf16_s']:.2f}" for c in r["loop_check"]]
         lines.append(f"  ({stage}: {r.get('stage_seconds', 0):.0f} s)")
     return "\n".join(lines)
 
