@@ -17,21 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dkuxnet.config import ABLATIONS, LossConfig
+from dkuxnet.precision import fp32_island, upcast
 
 _EPS = 1e-8  # norm floor of the cosine similarity: a zero vector has cosine 0 with everything
 GRANULARITIES = ("volume", "voxel")
 REDUCTIONS = ("mean", "sum")
 QDC_INPUTS = ("query_probs", "cluster_probs")
 SEG_LOSSES = ("dice_ce", "uamt")
-
-
-def _no_autocast(t: Tensor) -> torch.autocast:
-    return torch.autocast(device_type=t.device.type, enabled=False)
-
-
-def _at_least_fp32(t: Tensor) -> Tensor:
-    """bf16 / fp16 -> fp32; fp32 and fp64 unchanged (fp64 keeps gradient checks exact)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _check_seg_inputs(logits: Tensor, target: Tensor) -> None:
@@ -62,8 +54,8 @@ def dice_ce_loss(logits: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor
     _check_seg_inputs(logits, target)
     if smooth < 0:
         raise ValueError(f"smooth: must be >= 0, got {smooth}")
-    with _no_autocast(logits):
-        z = _at_least_fp32(logits)
+    with fp32_island(logits.device):
+        z = upcast(logits)
         y = target.long()
         p = z.softmax(dim=1).flatten(2)  # B×K×V
         g = F.one_hot(y.flatten(1), z.shape[1]).transpose(1, 2).to(z.dtype)  # B×K×V
@@ -93,8 +85,8 @@ def uamt_seg_loss(logits: Tensor, target: Tensor) -> Tensor:
     _check_seg_inputs(logits, target)
     if logits.shape[1] < 2:
         raise ValueError(f"logits: need K >= 2 classes for a foreground Dice, got K={logits.shape[1]}")
-    with _no_autocast(logits):
-        z = _at_least_fp32(logits)
+    with fp32_island(logits.device):
+        z = upcast(logits)
         y = target.long()
         p1 = z.softmax(dim=1)[:, 1]  # B×...
         g = (y == 1).to(z.dtype)  # B×...
@@ -144,8 +136,8 @@ def qd_loss(query_logits: Tensor, group_target: Tensor, group_sizes: Sequence[in
             f"{tuple(query_logits.shape)} (B×N×...)"
         )
     _check_groups(group_sizes, query_logits.shape[1])
-    with _no_autocast(query_logits):
-        z = _at_least_fp32(query_logits)
+    with fp32_island(query_logits.device):
+        z = upcast(query_logits)
         bounds = [0, *itertools.accumulate(int(s) for s in group_sizes)]
         lse_g = torch.stack([z[:, a:b].logsumexp(dim=1) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)  # B×G×...
         log_o = lse_g - z.logsumexp(dim=1, keepdim=True)  # B×G×...
@@ -255,8 +247,8 @@ def ntxent_loss(
     if x.ndim < 2 or x.shape[0] % 2 or x.shape[0] == 0:
         raise ValueError(f"x: expected (2B)×C×... with an even number of items, got shape {tuple(x.shape)}")
     n, c, b = x.shape[0], x.shape[1], x.shape[0] // 2
-    with _no_autocast(x):
-        z = _at_least_fp32(x).reshape(n, c, -1)  # 2B×C×V
+    with fp32_island(x.device):
+        z = upcast(x).reshape(n, c, -1)  # 2B×C×V
         v = z.shape[2]
         if granularity == "volume":
             if exclude_same_class:
@@ -368,7 +360,7 @@ def semi_supervised_loss(
     if labels.shape != (n_labeled,) + seg.shape[2:]:
         raise ValueError(f"labels: shape {tuple(labels.shape)}, expected {(n_labeled,) + tuple(seg.shape[2:])}")
     zero = seg.new_zeros((), dtype=torch.float32)
-    with _no_autocast(seg):
+    with fp32_island(seg.device):
         seg_fn = dice_ce_loss if cfg.seg_loss == "dice_ce" else uamt_seg_loss
         use_qd = len(group_sizes) > 0 and out.query_logits is not None and cfg.lambda_qd != 0
         use_ds = len(group_sizes) > 0 and len(out.aux) > 0 and cfg.lambda_ds != 0
@@ -392,7 +384,7 @@ def semi_supervised_loss(
                 raise ValueError(f"cfg.ablation: {cfg.ablation!r} with lambda_qdc > 0 needs out.{cfg.qdc_on}")
             qdc = ntxent_loss(source, cfg.tau, cfg.qdc_granularity, cfg.voxel_samples, generator)
         if views == 2 and cfg.ablation in ("segc", "all") and cfg.lambda_segc != 0:
-            probs = _at_least_fp32(seg).softmax(dim=1)  # 2B×K×...
+            probs = upcast(seg).softmax(dim=1)  # 2B×K×...
             voxel = cfg.segc_granularity == "voxel"
             segc = ntxent_loss(probs, cfg.tau, cfg.segc_granularity, cfg.voxel_samples, generator, voxel)
         total = l_seg + ramp * (cfg.lambda_qdc * qdc + cfg.lambda_segc * segc)

@@ -47,8 +47,9 @@ from torch import nn
 
 from dkuxnet.config import ModelConfig
 from dkuxnet.models.blocks import ResBlock3d, UpBlock3d, maybe_checkpoint
-from dkuxnet.models.kmax import AssignmentHead, ConvBN, KMaXLayer, fp32_island, trunc_normal_, upcast
+from dkuxnet.models.kmax import AssignmentHead, ConvBN, KMaXLayer, trunc_normal_
 from dkuxnet.models.uxnet import UXNetEncoder
+from dkuxnet.precision import fp32_island, upcast
 
 AUTHORS_LAYER_CLASSES = 32  # per-layer class heads of DK-UXNet's kMaX layers (num_classes=32, + bias)
 AUTHORS_FINAL_CLASSES = 133  # final class head of DK-UXNet (132 + 1 void; a COCO leftover)

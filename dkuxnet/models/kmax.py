@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dkuxnet.models.blocks import maybe_checkpoint
+from dkuxnet.precision import fp32_island, upcast
 
 
 def trunc_normal_(w: torch.Tensor, std: float) -> None:
@@ -31,16 +32,6 @@ def trunc_normal_(w: torch.Tensor, std: float) -> None:
 def _batch_norm(dims: int, channels: int) -> nn.modules.batchnorm._BatchNorm:
     cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
     return cls(channels, eps=1e-3, momentum=0.01)
-
-
-def fp32_island(device: torch.device) -> torch.autocast:
-    """Autocast disabled on ``device``: inside, ops run in the dtype of their inputs (upcast them with :func:`upcast`)."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """bf16 / fp16 → fp32; fp32 and fp64 unchanged (a float64 model stays float64 for reference checks)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class ConvBN(nn.Module):
