@@ -1,10 +1,13 @@
 """Run profiles for the notebooks and the papermill driver behind ``dkuxnet reproduce``.
 
-Two profiles fill in whatever a notebook's ``parameters`` cell leaves empty:
+Three profiles fill in whatever a notebook's ``parameters`` cell leaves empty:
 
 * ``smoke`` — the synthetic phantom (written on first use), the ``tiny`` preset and a shortened
   schedule; minutes on a CPU. Its numbers say the code runs, nothing about the paper.
-* ``paper`` — the real LA folder, the ``paper`` preset and its full schedule; needs a GPU.
+* ``paper`` — the real LA folder, the ``paper`` preset and its full schedule; needs a GPU with room
+  for 2 views × (2 + 2) volumes (an 80 GB card).
+* ``colab`` — the ``paper`` profile with :data:`COLAB_CHANGES`, the smallest change to the method that
+  fits a 16 GB card (Colab's T4, an L4); see :data:`COLAB_NOTE`.
 
 Paths are relative to the notebooks' working directory (the repository's ``notebooks/`` folder),
 so the same defaults work in Jupyter, in the book build and under :func:`reproduce`.
@@ -20,7 +23,7 @@ from typing import Any
 from dkuxnet.config import Config, get_preset
 from dkuxnet.errors import DataError
 
-PROFILES = ("smoke", "paper")
+PROFILES = ("smoke", "paper", "colab")
 NOTEBOOKS = ("03_train", "04_evaluate")
 SMOKE_ITERATIONS = 40  # smoke training run (03_train) and each smoke ablation row (05_ablation)
 SMOKE_PHANTOM_SHAPE = (64, 64, 48)  # small enough for a CPU protocol evaluation in seconds
@@ -33,6 +36,17 @@ SMOKE_TINY_CHANGES = (
 SMOKE_NOTE = (
     "synthetic phantom, tiny preset (32³ patches, batch 1 + 1, lr 0.01), {device}, shortened schedule — "
     "not comparable to the paper"
+)
+# Colab changes to a DKUXNet preset (paper, official; the V-Net fits a 16 GB card as it is): one labeled +
+# one unlabeled volume per view instead of 2 + 2 (4 volumes per step instead of 8; the activation memory is
+# linear in the number of volumes) and activation checkpointing (the presets' default, stated because the
+# fit depends on it). Volume-level NT-Xent still has one negative volume per anchor at 1 + 1.
+COLAB_CHANGES = (
+    ("data.labeled_bs", 1), ("data.unlabeled_bs", 1), ("model.checkpoint_activations", True),
+)
+COLAB_NOTE = (
+    "colab profile: LA data, preset {preset} at batch 1 + 1 per view (the paper's: 2 + 2), {iterations} "
+    "iterations, {device} — no measured Dice for this batch"
 )
 
 
@@ -55,20 +69,35 @@ class Settings:
         return self.profile == "smoke"
 
     @property
+    def colab(self) -> bool:
+        """True when the colab profile changes this run's preset (:data:`COLAB_CHANGES`; not for ``vnet``)."""
+        return self.profile == "colab" and self.preset != "vnet"
+
+    @property
     def note(self) -> str:
         """One-line label to print next to every number this run produces."""
         if self.smoke:
             return SMOKE_NOTE.format(device=self.device.split(":")[0].upper())
-        return f"paper profile: LA data, preset {self.preset}, {self.max_iterations} iterations, {self.device}"
+        if self.colab:
+            return COLAB_NOTE.format(preset=self.preset, iterations=self.max_iterations, device=self.device)
+        return f"{self.profile} profile: LA data, preset {self.preset}, {self.max_iterations} iterations, {self.device}"
+
+    @property
+    def result_note(self) -> str | None:
+        """:attr:`note` for results that differ from the paper's setting (smoke, colab), else None."""
+        return self.note if self.smoke or self.colab else None
 
     def config(self, **changes: Any) -> Config:
         """The preset with this run's label ratio, schedule and seed (plus dotted ``changes``).
 
-        A smoke run of the ``tiny`` preset also gets :data:`SMOKE_TINY_CHANGES`.
+        A smoke run of the ``tiny`` preset also gets :data:`SMOKE_TINY_CHANGES`; a colab run
+        :data:`COLAB_CHANGES`.
         """
-        smoke = dict(SMOKE_TINY_CHANGES) if self.smoke and self.preset == "tiny" else {}
+        profile_changes = dict(SMOKE_TINY_CHANGES) if self.smoke and self.preset == "tiny" else {}
+        if self.colab:
+            profile_changes = dict(COLAB_CHANGES)
         return get_preset(self.preset).override(**{
-            **smoke, "data.label_ratio": self.label_ratio, "train.max_iterations": self.max_iterations,
+            **profile_changes, "data.label_ratio": self.label_ratio, "train.max_iterations": self.max_iterations,
             "train.seed": self.seed, **changes,
         })
 
@@ -86,14 +115,14 @@ def resolve_profile(
     """Fill empty notebook parameters with the profile's defaults.
 
     Args:
-        profile: ``"smoke"`` or ``"paper"``.
-        data_dir: data folder; empty means ``../_build/phantom`` (smoke) or ``../data/LA`` (paper).
+        profile: one of :data:`PROFILES`.
+        data_dir: data folder; empty means ``../_build/phantom`` (smoke) or ``../data/LA`` (paper, colab).
         preset: model preset; empty means ``tiny`` (smoke) or ``paper``.
         label_ratio: labeled fraction of ``train.list``.
-        max_iterations: 0 means :data:`SMOKE_ITERATIONS` (smoke) or the preset's full schedule (paper).
+        max_iterations: 0 means :data:`SMOKE_ITERATIONS` (smoke) or the preset's full schedule.
         seed: training seed.
         device: empty means ``cuda`` when available, else ``cpu``.
-        run_dir: empty means ``../_build/runs/smoke-r{ratio}-s{seed}`` or ``../runs/paper-r{ratio}-s{seed}``.
+        run_dir: empty means ``../_build/runs/smoke-r{ratio}-s{seed}`` or ``../runs/{profile}-r{ratio}-s{seed}``.
     """
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
@@ -122,7 +151,7 @@ def prepare_data(settings: Settings, cases: int = 20) -> Path:
     a protocol sliding window needs a few dozen windows per case.
 
     Raises:
-        DataError: the paper profile's folder has no ``train.list`` (with the download command).
+        DataError: the paper or colab profile's folder has no ``train.list`` (with the download command).
     """
     root = settings.data_dir
     if (root / "train.list").is_file():

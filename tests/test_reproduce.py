@@ -9,7 +9,7 @@ import pytest
 
 from dkuxnet.config import get_preset
 from dkuxnet.errors import DataError
-from dkuxnet.reproduce import NOTEBOOKS, plan_runs, prepare_data, reproduce, resolve_profile
+from dkuxnet.reproduce import COLAB_CHANGES, NOTEBOOKS, plan_runs, prepare_data, reproduce, resolve_profile
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -28,6 +28,20 @@ def test_paper_profile_defaults_use_the_preset_schedule():
     assert s.max_iterations == 15000  # get_preset("paper").train.max_iterations
     assert s.run_dir == Path("../runs/paper-r0.05-s1337")
     assert resolve_profile("paper", preset="vnet", device="cpu").max_iterations == 6000
+
+
+def test_colab_profile_is_the_paper_profile_with_the_colab_changes():
+    s = resolve_profile("colab", label_ratio=0.2, seed=7, device="cuda")
+    assert not s.smoke and s.colab and s.preset == "paper" and s.data_dir == Path("../data/LA")
+    assert s.max_iterations == 15000 and s.run_dir == Path("../runs/colab-r0.2-s7")
+    cfg, paper = s.config(), resolve_profile("paper", label_ratio=0.2, seed=7, device="cuda").config()
+    assert (cfg.data.labeled_bs, cfg.data.unlabeled_bs, cfg.data.views) == (1, 1, 2)
+    assert cfg.override(**{k: getattr(getattr(paper, k.split(".")[0]), k.split(".")[1]) for k, _ in COLAB_CHANGES}) == paper
+    assert "colab profile" in s.note and "2 + 2" in s.note and s.result_note == s.note
+    assert resolve_profile("paper", device="cuda").result_note is None
+    vnet = resolve_profile("colab", preset="vnet", device="cuda")  # the V-Net fits as it is
+    assert not vnet.colab and vnet.config().data == get_preset("vnet").data and vnet.result_note is None
+    assert plan_runs("colab", [0.1], [1])[0].parameters["profile"] == "colab"
 
 
 def test_explicit_parameters_win():
