@@ -1,29 +1,45 @@
-"""Benchmark of the real training step and of protocol inference (``engineering.md`` B.5–B.7).
+"""Benchmark of the training step, of forward + backward and of protocol inference (``dkuxnet bench``).
 
-:func:`run_bench` times :func:`dkuxnet.engine.train_step` — the same code :func:`dkuxnet.train.train`
-runs: sampling and augmentation on the device, both views in one pass, the full
-:func:`~dkuxnet.losses.semi_supervised_loss`, the optimiser step — on volumes resident on the
-device: by default synthetic random volumes (a "no data loading" mode, as nnU-Net's
-``nnUNetTrainerBenchmark_5epochs_noDataLoading``), or the first cases of an LA folder. For each preset
-it reports
+:func:`run_bench` measures rows. Each row builds its own model on the device and reports the median
+ms over its timed steps (``torch.cuda.synchronize`` around each timed step — only here, never in
+training), the peak memory (``torch.cuda.max_memory_allocated``, GiB) and its own wall time:
 
-* the median ms per step after warm-up (``torch.cuda.synchronize`` around each timed step — only
-  here, never in training),
-* the peak memory (``torch.cuda.max_memory_allocated``, GiB),
-* FLOPs of one step (forward + backward + optimiser) counted by ``torch.utils.flop_counter.FlopCounterMode``
-  and the achieved TFLOP/s against the card's dense bf16 peak (nanoGPT's MFU habit). The counter
-  overcounts grouped-convolution backward (``engineering.md`` B.5), so treat the MFU as an upper bound;
-* seconds per LA-shaped test volume (175×132×88; scaled with the patch for small presets) through
-  :func:`dkuxnet.inference.predict_protocol` (UA-MT grid, stride 18/18/4, batched windows).
+* ``step`` rows time :func:`dkuxnet.engine.train_step` — the code :func:`dkuxnet.train.train` runs:
+  sampling and augmentation on the device, both views in one pass, the full
+  :func:`~dkuxnet.losses.semi_supervised_loss`, the optimiser step — on volumes resident on the device
+  (synthetic random volumes by default, a "no data loading" mode as nnU-Net's
+  ``nnUNetTrainerBenchmark_5epochs_noDataLoading``; or the first cases of an LA folder). The first
+  warm-up step also counts FLOPs (``torch.utils.flop_counter``; it overcounts grouped-convolution
+  backward, so the MFU against the card's dense bf16 peak is an upper bound);
+* ``fwdbwd`` rows: forward + supervised loss + backward of one volume (no optimiser);
+* ``infer`` rows: seconds per LA-shaped test volume (175×132×88, scaled with the patch for small
+  patches) through :func:`dkuxnet.inference.predict_protocol` (UA-MT grid, stride 18/18/4).
+
+The default rows (:func:`default_rows`) are the ``paper`` step at 2 views × (2 + 2) volumes, the same
+step with activation checkpointing toggled, forward + backward of one volume, the ``vnet`` step,
+protocol inference and the ``colab`` notebook profile's step. On the CPU they use the ``tiny`` preset
+at a 32×32×16 patch, so that CI rehearses the command in seconds.
+
+Time budget. On CUDA the defaults are sized to finish in about 80 s on an H100 / H200 even if a
+``paper`` step took 1.5 s: each row runs 2 untimed warm-up steps (the first one autotunes cuDNN),
+then at most 5 timed steps and stops before a step that would end more than ``row_seconds`` (5 s)
+after the first timed step began (at least one step is always timed; ``steps_timed`` records how
+many were). cuDNN autotuning is capped with ``torch.backends.cudnn.benchmark_limit`` =
+:data:`CUDNN_BENCHMARK_LIMIT` (1: each convolution shape runs cuDNN's first heuristic choice once,
+instead of up to 10 candidates, torch's default, which cost 33 s in the first ``paper`` step at batch
+1 on an H200); ``first_step_s`` records what the first step cost per row. Training keeps torch's default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import json
+import gc
+import re
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +53,75 @@ from dkuxnet.engine import (
     write_json,
 )
 from dkuxnet.inference import predict_protocol, protocol_windows
+from dkuxnet.losses import semi_supervised_loss
+from dkuxnet.models import create_model
+from dkuxnet.perfreport import summary_line
+from dkuxnet.reproduce import COLAB_CHANGES
 
 LA_TEST_SHAPE = (175, 132, 88)  # protocol.md §2.1 example case; 45 windows at 112×112×80
 LA_PATCH = (112, 112, 80)
+CPU_PATCH = (32, 32, 16)  # every row's patch on the CPU (tiny, fast; divisible by 16 for V-Net)
 PEAK_BF16_TFLOPS = (  # dense bf16 tensor-core peak per card (datasheets); first substring match wins
     ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
     ("T4", 65.0),
 )
 SYNTHETIC_CASES = 4  # labeled and unlabeled volumes each in the synthetic bank
+INFER_BATCH = 4  # windows per forward pass in predict_protocol (its default)
+CUDNN_BENCHMARK_LIMIT = 1  # cuDNN algorithms tried per convolution shape in the bench (torch's default: 10)
+DEFAULTS = {  # device type -> (timed steps, warm-up steps, seconds of timed steps per row)
+    "cuda": (5, 2, 5.0),
+    "cpu": (1, 1, 1.0),
+}
+PROFILE_TOP = 25
+KINDS = ("step", "fwdbwd", "infer")
+# opt-in rows (--variants): name -> (preset, or None for the default rows' preset; label; dotted changes)
+VARIANTS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
+    "channels-last": (None, "channels_last_3d", {"train.channels_last": True}),
+    "depthwise-channels-last": (None, "depthwise convolutions channels_last", {"model.depthwise_layout": "channels_last"}),
+    "batch-1+1": (None, "batch 1+1 per view", {"data.labeled_bs": 1, "data.unlabeled_bs": 1}),
+    "compile": (None, "torch.compile", {"train.compile": True}),
+    "fp32": (None, "fp32", {"train.precision": "fp32"}),
+    "official": ("official", "official preset", {}),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement: ``kind`` (:data:`KINDS`) of ``preset`` with dotted config ``changes``.
+
+    ``infer`` (step rows only) also times protocol inference with the row's model.
+    """
+
+    label: str
+    kind: str
+    preset: str
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    infer: bool = False
+
+
+def default_rows(preset: str) -> list[Row]:
+    """The rows of a plain ``dkuxnet bench`` for ``preset`` (``paper`` on CUDA, ``tiny`` on the CPU)."""
+    ckpt = get_preset(preset).model.checkpoint_activations
+    return [
+        Row(preset, "step", preset),
+        Row(f"{preset}, checkpointing {'off' if ckpt else 'on'}", "step", preset,
+            {"model.checkpoint_activations": not ckpt}),
+        Row(f"{preset}, forward+backward, 1 volume", "fwdbwd", preset),
+        Row("vnet", "step", "vnet"),
+        Row(f"{preset}, protocol inference", "infer", preset),
+        Row(f"colab profile ({preset})", "step", preset, dict(COLAB_CHANGES)),
+    ]
+
+
+def variant_rows(names: Iterable[str], preset: str) -> list[Row]:
+    """Opt-in step rows from :data:`VARIANTS`; an unknown name raises ``ValueError`` naming the choices."""
+    rows = []
+    for name in names:
+        if name not in VARIANTS:
+            raise ValueError(f"variants: unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+        base, label, changes = VARIANTS[name]
+        rows.append(Row(f"{base or preset}, {label}", "step", base or preset, changes))
+    return rows
 
 
 def peak_tflops(name: str) -> float | None:
@@ -57,14 +134,17 @@ def scaled_shape(patch: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(round(s * p / q) for s, p, q in zip(LA_TEST_SHAPE, patch, LA_PATCH))  # type: ignore[return-value]
 
 
-def bench_config(preset: str, device: torch.device, overrides: dict[str, Any] | None = None) -> Config:
-    """The preset as trained; on CPU presets other than ``tiny`` run at ``tiny``'s patch to stay fast.
+def default_out(device: str | torch.device | None = None) -> Path:
+    """``bench_<device>.json`` in the working folder, e.g. ``bench_nvidia-h200.json``."""
+    name = device_name(resolve_device(device)).split(" (")[0]
+    return Path(f"bench_{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.json")
 
-    ``overrides`` (dotted ``Config.override`` keys) are applied last.
-    """
+
+def bench_config(preset: str, device: torch.device, overrides: Mapping[str, Any] | None = None) -> Config:
+    """The preset as trained; on the CPU at :data:`CPU_PATCH` to stay fast. ``overrides`` (dotted) come last."""
     cfg = get_preset(preset)
-    if device.type == "cpu" and preset != "tiny":
-        cfg = cfg.override(**{"data.patch_size": get_preset("tiny").data.patch_size})
+    if device.type == "cpu":
+        cfg = cfg.override(**{"data.patch_size": CPU_PATCH})
     return cfg.override(**overrides) if overrides else cfg
 
 
@@ -120,6 +200,120 @@ def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = 
     return sum(saved_tensor_bytes_by_part(fn, {}, exclude).values())
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _amp(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast as in training (CUDA and ``train.precision == "bf16"``); the CPU runs fp32."""
+    if device.type == "cuda" and cfg.train.precision == "bf16":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _precision(cfg: Config, device: torch.device) -> str:
+    return "bf16 autocast" if device.type == "cuda" and cfg.train.precision == "bf16" else "fp32"
+
+
+def timed_calls(fn: Callable[[], Any], device: torch.device, steps: int, seconds: float) -> list[float]:
+    """Milliseconds of up to ``steps`` calls of ``fn``, each between two device synchronisations.
+
+    Stops before a call that would end more than ``seconds`` after the first began (estimated from the
+    previous call); at least one call is always timed.
+    """
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < steps and not (times and time.perf_counter() - start + times[-1] / 1000 > seconds):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Step counts and caps shared by every row of one :func:`run_bench`."""
+
+    steps: int
+    warmup: int  # >= 1: the first warm-up step also autotunes cuDNN and counts FLOPs
+    row_seconds: float
+
+
+def measure(
+    step: Callable[[], Any], device: torch.device, budget: Budget, count_flops: bool, profile: bool = False,
+) -> dict[str, Any]:
+    """Warm up, then time ``step`` within ``budget``; optionally one more step under ``torch.profiler``."""
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    counter = FlopCounterMode(display=False) if count_flops else None
+    with counter or contextlib.nullcontext():
+        step()
+    _sync(device)
+    first_s = time.perf_counter() - t0
+    for _ in range(budget.warmup - 1):
+        step()
+    _sync(device)
+    peak_warmup = _peak_gib(device)
+    _reset_peak(device)
+    times = timed_calls(step, device, budget.steps, budget.row_seconds)
+    out: dict[str, Any] = {
+        "ms_per_step": statistics.median(times), "ms_steps": times, "steps_timed": len(times),
+        "first_step_s": first_s, "peak_gib": _peak_gib(device), "peak_gib_with_warmup": peak_warmup,
+        "tflop_per_step": counter.get_total_flops() / 1e12 if counter else None,
+    }
+    if profile:
+        out["profile"] = profile_call(step, device)
+    return out
+
+
+def profile_call(fn: Callable[[], Any], device: torch.device, top: int = PROFILE_TOP) -> dict[str, Any]:
+    """``torch.profiler`` of one call of ``fn``: the ``top`` operators (with input shapes) and kernels.
+
+    On CUDA both tables are sorted by self CUDA time (an operator's self CUDA time is that of the
+    kernels it launched itself); on the CPU there are no kernels and operators are sorted by self CPU time.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        fn()
+        _sync(device)
+    events = prof.key_averages(group_by_input_shape=True)
+
+    def self_us(e: Any) -> float:
+        return float(e.self_device_time_total if cuda else e.self_cpu_time_total)
+
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    total_us = sum(self_us(e) for e in (kernels if cuda else events))
+
+    def table(rows: list[Any], shapes: bool) -> list[dict[str, Any]]:
+        rows = sorted((e for e in rows if self_us(e) > 0), key=self_us, reverse=True)[:top]
+        return [{"name": e.key, "self_ms": self_us(e) / 1000, "percent": 100 * self_us(e) / max(total_us, 1e-9),
+                 "calls": e.count, **({"input_shapes": e.input_shapes} if shapes else {})} for e in rows]
+
+    return {
+        "sort_by": "self CUDA time" if cuda else "self CPU time (no CUDA on this device)",
+        "total_ms": total_us / 1000,
+        "operators": table([e for e in events if e.device_type == DeviceType.CPU], shapes=True),
+        "kernels": table(kernels, shapes=False),
+    }
+
+
 def _bench_data(cfg: Config, device: torch.device, data_dir: Path | None) -> tuple[VolumeBank, int, torch.Tensor]:
     """Bank (labeled first) + number labeled + one test volume, synthetic or from ``data_dir``."""
     if data_dir is None:
@@ -132,67 +326,128 @@ def _bench_data(cfg: Config, device: torch.device, data_dir: Path | None) -> tup
     return bank, len(split.labeled), torch.from_numpy(image)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _test_volume(cfg: Config, device: torch.device, data_dir: Path | None) -> torch.Tensor:
+    if data_dir is None:
+        return synthetic_bank(scaled_shape(cfg.data.patch_size), 1, device).images[0][0]
+    image, _ = read_case(Path(data_dir), make_split(Path(data_dir), labeled_num=1).test[0])
+    return torch.from_numpy(image)
 
 
-def bench_preset(
-    preset: str, device: torch.device, steps: int, warmup: int, data_dir: Path | None,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Time one preset's training step and protocol inference on ``device``.
+def _inference(model: torch.nn.Module, volume: torch.Tensor, cfg: Config, device: torch.device,
+               budget: Budget) -> dict[str, Any]:
+    """Seconds per volume of :func:`predict_protocol`, after a warm-up forward of each batch shape it uses."""
+    patch, amp = cfg.data.patch_size, _precision(cfg, device) != "fp32"
+    n = len(protocol_windows(tuple(volume.shape), patch))
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.inference_mode(), _amp(cfg, device):
+        for batch in sorted({min(INFER_BATCH, n), n % INFER_BATCH} - {0}):
+            model(torch.zeros((batch, 1, *patch), device=device))
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    model.train(was_training)
+    seconds = [ms / 1000 for ms in timed_calls(
+        lambda: predict_protocol(model, volume, patch=patch, batch_size=INFER_BATCH, device=device, amp=amp),
+        device, budget.steps, budget.row_seconds)]
+    return {"infer_volume_shape": list(volume.shape), "infer_windows": n, "infer_warmup_s": warmup_s,
+            "infer_s_per_volume": statistics.median(seconds), "infer_s_all": seconds}
 
-    The first warm-up step runs under ``FlopCounterMode`` (an extra untimed step when ``warmup == 0``).
-    """
-    cfg = bench_config(preset, device, overrides)
-    configure_backends(cfg.train, device)
+
+def _flop_rates(result: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    flops = result["tflop_per_step"]
+    achieved = flops / (result["ms_per_step"] / 1000) if flops is not None else None
+    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
+    return {"tflops_achieved": achieved, "peak_tflops_bf16": peak,
+            "mfu": achieved / peak if peak and achieved is not None else None}
+
+
+def _step_row(row: Row, cfg: Config, device: torch.device, budget: Budget, data_dir: Path | None,
+              profile: bool) -> dict[str, Any]:
     bank, n_labeled, volume = _bench_data(cfg, device, data_dir)
     run = build_run(cfg, bank, n_labeled, device)
-    with FlopCounterMode(display=False) as counter:
-        train_step(run)
-    for _ in range(warmup - 1):
-        train_step(run)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        train_step(run)
-        _sync(device)
-        times.append(1000 * (time.perf_counter() - t0))
-    ms = statistics.median(times)
-    flops = counter.get_total_flops()
-    peak = peak_tflops(device_name(device)) if device.type == "cuda" else None
-    achieved = flops / (ms / 1000) / 1e12
-    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    amp = device.type == "cuda" and cfg.train.precision == "bf16"
-    run.model.eval()
-    predict_protocol(run.model, volume, patch=cfg.data.patch_size, device=device, amp=amp)  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    predict_protocol(run.model, volume, patch=cfg.data.patch_size, device=device, amp=amp)
-    _sync(device)
-    infer_s = time.perf_counter() - t0
+    result = measure(lambda: train_step(run), device, budget, count_flops=not cfg.train.compile, profile=profile)
     views, n_lab, n_unl = cfg.data.views, cfg.data.labeled_bs, effective_unlabeled_bs(cfg)
-    return {
-        "config": cfg.to_dict(),
-        "batch": {"views": views, "labeled": n_lab, "unlabeled": n_unl, "volumes": views * (n_lab + n_unl)},
-        "patch": list(cfg.data.patch_size),
-        "precision": "bf16 autocast" if amp else "fp32",
-        "ms_per_step": ms,
-        "ms_steps": times,
-        "peak_gib": peak_gib,
-        "tflop_per_step": flops / 1e12,
-        "tflops_achieved": achieved,
-        "peak_tflops_bf16": peak,
-        "mfu": achieved / peak if peak else None,
-        "infer_volume_shape": list(volume.shape),
-        "infer_windows": len(protocol_windows(tuple(volume.shape), cfg.data.patch_size)),
-        "infer_s_per_volume": infer_s,
-    }
+    result |= _flop_rates(result, device) | {
+        "batch": {"views": views, "labeled": n_lab, "unlabeled": n_unl, "volumes": views * (n_lab + n_unl)}}
+    if row.infer:
+        result |= _inference(run.model, volume, cfg, device, budget)
+    return result
+
+
+def _fwdbwd_row(cfg: Config, device: torch.device, budget: Budget, profile: bool) -> dict[str, Any]:
+    """Forward + supervised loss (L_seg: one volume, one view) + backward; gradients reset, no optimiser."""
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(cfg).to(device).train()
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    forward = torch.compile(model) if cfg.train.compile else model
+    patch = cfg.data.patch_size
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    x = torch.randn((1, 1, *patch), device=device, generator=gen)
+    y = (torch.nn.functional.avg_pool3d(x, 5, 1, 2)[:, 0] > 0.1).long()  # blob labels, 1×X×Y×Z
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with _amp(cfg, device):
+            out = forward(x)
+        semi_supervised_loss(out, y, 1, 1, cfg.loss, 0, model.group_sizes)[0].backward()
+
+    result = measure(step, device, budget, count_flops=not cfg.train.compile, profile=profile)
+    return result | _flop_rates(result, device) | {"batch": {"views": 1, "labeled": 1, "unlabeled": 0, "volumes": 1}}
+
+
+def _infer_row(cfg: Config, device: torch.device, budget: Budget, data_dir: Path | None) -> dict[str, Any]:
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(cfg).to(device)
+    result = _inference(model, _test_volume(cfg, device, data_dir), cfg, device, budget)
+    return result | {"first_step_s": result["infer_warmup_s"], "steps_timed": len(result["infer_s_all"]),
+                     "peak_gib": _peak_gib(device)}
+
+
+def bench_row(row: Row, device: torch.device, budget: Budget, data_dir: Path | None = None,
+              overrides: Mapping[str, Any] | None = None, profile: bool = False) -> dict[str, Any]:
+    """Measure one row; raises what the row raises (:func:`run_bench` records it)."""
+    if row.kind not in KINDS:
+        raise ValueError(f"row.kind must be one of {KINDS}, got {row.kind!r}")
+    t0 = time.perf_counter()
+    cfg = bench_config(row.preset, device, {**(overrides or {}), **row.changes})
+    configure_backends(cfg.train, device)
+    _reset_peak(device)
+    if row.kind == "step":
+        result = _step_row(row, cfg, device, budget, data_dir, profile)
+    elif row.kind == "fwdbwd":
+        result = _fwdbwd_row(cfg, device, budget, profile)
+    else:
+        result = _infer_row(cfg, device, budget, data_dir)
+    head = {"kind": row.kind, "preset": row.preset, "changes": dict(row.changes), "config": cfg.to_dict(),
+            "patch": list(cfg.data.patch_size), "precision": _precision(cfg, device)}
+    return head | result | {"wall_s": time.perf_counter() - t0}
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return f"out of memory: {str(exc).splitlines()[0]}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _rows(presets: list[str] | str | None, variants: Mapping[str, tuple[str, Mapping[str, Any]]] | Sequence[str] | None,
+          base: str) -> list[Row]:
+    if presets is not None:  # explicit presets: one training step + inference row each
+        names = [presets] if isinstance(presets, str) else list(presets)
+        rows = [Row(name, "step", name, infer=True) for name in names]
+    else:
+        rows = default_rows(base)
+    if isinstance(variants, Mapping):  # custom rows: label -> (preset, dotted changes)
+        rows += [Row(label, "step", name, dict(changes), infer=True) for label, (name, changes) in variants.items()]
+    elif variants is not None:
+        if isinstance(variants, str):
+            raise ValueError(f"variants: expected a list of names or a mapping, got the string {variants!r}")
+        rows += variant_rows(variants, base)
+    labels = [row.label for row in rows]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"rows: duplicate labels in {labels}")
+    return rows
 
 
 def run_bench(
@@ -203,49 +458,76 @@ def run_bench(
     steps: int | None = None,
     warmup: int | None = None,
     overrides: dict[str, Any] | None = None,
-    variants: dict[str, tuple[str, dict[str, Any]]] | None = None,
+    variants: Mapping[str, tuple[str, Mapping[str, Any]]] | Sequence[str] | None = None,
+    *,
+    profile: bool | str = False,
+    row_seconds: float | None = None,
+    cudnn_benchmark_limit: int | None = CUDNN_BENCHMARK_LIMIT,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark training step and inference of each preset; optionally write the JSON to ``out``.
+    """Measure the benchmark rows; optionally write the JSON to ``out``. A failing row is recorded, not raised.
 
     Args:
-        presets: preset names; default ``["paper", "vnet"]`` on CUDA, ``["tiny", "vnet"]`` on CPU
-            (``vnet`` at ``tiny``'s patch there).
+        presets: ``None``: the default rows (:func:`default_rows` of ``paper`` on CUDA, of ``tiny`` on the
+            CPU). Preset names instead: one row per preset, its training step and protocol inference.
         device: default cuda if available, else cpu.
         out: JSON file to write atomically.
         data_dir: LA folder: its first cases replace the synthetic volumes, its first test case the
             synthetic inference volume.
-        steps: timed steps (default 8 on CUDA, 2 on CPU).
-        warmup: untimed steps first (default 3 on CUDA, 1 on CPU; at least one runs, FLOP-counted).
-        overrides: dotted config changes applied to every preset (e.g. a smaller ``data.patch_size``).
-        variants: more rows, label → (preset, its own dotted changes, applied after ``overrides``), e.g.
+        steps: most timed steps per row (default 5 on CUDA, 1 on the CPU).
+        warmup: untimed steps first (default 2 on CUDA, 1 on the CPU; at least 1).
+        overrides: dotted config changes applied to every row (e.g. a smaller ``data.patch_size``).
+        variants: more rows: names of :data:`VARIANTS`, or a mapping label → (preset, its own dotted
+            changes, applied after ``overrides``) for rows like those of ``presets``, e.g.
             ``{"paper, no checkpointing": ("paper", {"model.checkpoint_activations": False})}``.
+        profile: ``True``: also profile one step of the first training-step row (``torch.profiler``,
+            top :data:`PROFILE_TOP` operators with input shapes, and kernels); a label: of that row.
+        row_seconds: seconds of timed steps per row before it stops early (default 5 on CUDA, 1 on the CPU).
+        cudnn_benchmark_limit: ``torch.backends.cudnn.benchmark_limit`` during the bench (restored after);
+            ``None`` leaves torch's setting.
+        log: called with one line per finished row (e.g. ``print``).
 
     Returns:
         ``device``, ``torch``, ``cuda``, ``cudnn``, ``commit``, ``date``, ``steps``, ``warmup``,
-        ``data`` and ``presets`` = {name: numbers of :func:`bench_preset`, or ``{"error": …}`` when that
-        row failed (out of memory, or any other error: the other rows still run)}.
+        ``row_seconds``, ``cudnn_benchmark_limit``, ``data``, ``wall_s``, ``presets`` = {row label: its
+        numbers (:func:`bench_row`), or ``{"error": …}`` when it failed (out of memory, a config the code does
+        not know, any error: the other rows still run)} and, when profiled, ``profile``.
     """
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
-    default = ["paper", "vnet"] if cuda else ["tiny", "vnet"]
-    names = [presets] if isinstance(presets, str) else list(presets or default)
-    steps = steps if steps is not None else (8 if cuda else 2)
-    warmup = warmup if warmup is not None else (3 if cuda else 1)
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    rows = {name: (name, {}) for name in names} | dict(variants or {})
+    d_steps, d_warmup, d_seconds = DEFAULTS["cuda" if cuda else "cpu"]
+    budget = Budget(steps=d_steps if steps is None else steps, warmup=max(d_warmup if warmup is None else warmup, 1),
+                    row_seconds=d_seconds if row_seconds is None else row_seconds)
+    if budget.steps < 1 or (warmup is not None and warmup < 0) or budget.row_seconds <= 0:
+        raise ValueError(f"steps must be >= 1, warmup >= 0 and row_seconds > 0, got steps={steps}, "
+                         f"warmup={warmup}, row_seconds={row_seconds}")
+    if cudnn_benchmark_limit is not None and cudnn_benchmark_limit < 0:
+        raise ValueError(f"cudnn_benchmark_limit must be >= 0 (0: try every algorithm), got {cudnn_benchmark_limit}")
+    rows = _rows(presets, variants, "paper" if cuda else "tiny")
+    profiled = _profiled_label(profile, rows)
+    t_start = time.perf_counter()
+    previous_limit = torch.backends.cudnn.benchmark_limit if cuda else None
+    if cuda and cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = cudnn_benchmark_limit
     results: dict[str, Any] = {}
-    for label, (name, changes) in rows.items():
-        try:
-            results[label] = bench_preset(
-                name, dev, steps, warmup, Path(data_dir) if data_dir else None, {**(overrides or {}), **changes}
-            )
-        except torch.cuda.OutOfMemoryError as exc:
-            results[label] = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
-        except Exception as exc:  # one failing variant must not lose the others' numbers (GPU time is scarce)
-            results[label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    try:
+        for row in rows:
+            try:
+                results[row.label] = bench_row(row, dev, budget, Path(data_dir) if data_dir else None, overrides,
+                                               profile=row.label == profiled)
+            except Exception as exc:  # one failing row must not lose the others' numbers
+                results[row.label] = {"kind": row.kind, "preset": row.preset, "changes": dict(row.changes),
+                                      "error": _error(exc)}
+            if cuda:  # the next row starts with the device memory free (a failed row's frames may form cycles)
+                if "error" in results[row.label]:
+                    gc.collect()
+                torch.cuda.empty_cache()
+            if log is not None:
+                log(summary_line(row.label, results[row.label]))
+        limit = torch.backends.cudnn.benchmark_limit if cuda else None
+    finally:
         if cuda:
-            torch.cuda.empty_cache()
+            torch.backends.cudnn.benchmark_limit = previous_limit
     result = {
         "device": device_name(dev),
         "device_type": dev.type,
@@ -254,110 +536,28 @@ def run_bench(
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "steps": steps,
-        "warmup": max(warmup, 1),
+        "steps": budget.steps,
+        "warmup": budget.warmup,
+        "row_seconds": budget.row_seconds,
+        "cudnn_benchmark_limit": limit,
         "overrides": overrides or {},
         "data": str(data_dir) if data_dir else "synthetic (no data loading)",
+        "wall_s": time.perf_counter() - t_start,
         "presets": results,
     }
+    if profiled is not None:
+        row = results[profiled]
+        result["profile"] = {"row": profiled, **row.pop("profile", {"error": row.get("error", "not profiled")})}
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(out), result)
     return result
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def _bench_section(path: Path, d: dict[str, Any]) -> list[str]:
-    versions = f"torch {d.get('torch')}, CUDA {d.get('cuda')}, cuDNN {d.get('cudnn')}"
-    lines = [
-        f"**{d.get('device')}** ({versions}; commit `{str(d.get('commit'))[:12]}`, {d.get('date')}; "
-        f"median of {d.get('steps')} steps after {d.get('warmup')} warm-up; data: {d.get('data')}; "
-        f"file `{path.name}`)",
-        "",
-        "| preset / variant | batch (volumes) | patch | ms per step | peak GiB | TFLOP per step | TFLOP/s | MFU "
-        "| protocol inference s / volume |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, r in d.get("presets", {}).items():
-        if "error" in r:
-            lines.append(f"| {name} | | | {r['error'][:80]} | | | | | |")
-            continue
-        lines.append(
-            f"| {name} | {r['batch']['volumes']} | {'×'.join(map(str, r['patch']))} | {r['ms_per_step']:.1f} "
-            f"| {_fmt(r['peak_gib'], '.1f')} | {r['tflop_per_step']:.2f} | {r['tflops_achieved']:.1f} "
-            f"| {_fmt(r['mfu'], '.1%')} | {r['infer_s_per_volume']:.2f} |"
-        )
-    return lines + [""]
-
-
-def _memprobe_section(path: Path, d: dict[str, Any]) -> list[str]:
-    lines = [
-        f"**CPU estimate** ({d.get('method')}; commit `{str(d.get('commit'))[:12]}`, torch {d.get('torch')}, "
-        f"{d.get('date')}; file `{path.name}`): not a GPU measurement.",
-        "",
-    ]
-    rows = d.get("rows", [])
-    if rows:
-        lines += [
-            f"| variant (measured at {rows[0]['batch']} × {'×'.join(map(str, rows[0]['patch']))}) | kept after forward "
-            f"| peak | estimated peak at {'×'.join(map(str, rows[0]['estimate_at']))} |",
-            "| --- | --- | --- | --- |",
-        ]
-    for r in rows:
-        variant = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["overrides"].items()) or "as preset"
-        lines.append(
-            f"| `{r['preset']}`, {variant} | {r['saved_bytes_per_voxel'] / 1000:.1f} kB / voxel "
-            f"| {r['peak_bytes_per_voxel'] / 1000:.1f} kB / voxel | ≈ {r['estimated_peak_gib']:.0f} GiB |"
-        )
-    return lines + [""] + _breakdown_table(d.get("rows", []))
-
-
-def _breakdown_table(rows: list[dict[str, Any]], top: int = 12) -> list[str]:
-    """Kept bytes per voxel by model part, one column per variant; the ``top`` largest parts, then the rest."""
-    rows = [r for r in rows if r.get("saved_bytes_per_voxel_by_part")]
-    if not rows:
-        return []
-    first = rows[0]["saved_bytes_per_voxel_by_part"]
-    names = list(first)[:top]
-    heads = [", ".join(f"`{k.split('.')[-1]}={json.dumps(v)}`" for k, v in r["overrides"].items()) or r["preset"]
-             for r in rows]
-    lines = [
-        "Where the kept bytes are saved (the part whose forward saved each tensor first; the loss and the "
-        "model's output operations count as parts), kB per voxel:",
-        "",
-        "| part | " + " | ".join(heads) + " |",
-        "| --- |" + " --- |" * len(rows),
-    ]
-    for name in [*names, "other parts"]:
-        cells = []
-        for r in rows:
-            parts = r["saved_bytes_per_voxel_by_part"]
-            value = sum(v for k, v in parts.items() if k not in names) if name == "other parts" else parts.get(name, 0.0)
-            cells.append(f"{value / 1000:.2f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def perf_report(folder: Path) -> str:
-    """Markdown for the book's performance page from the committed files of ``folder`` (``results/perf``).
-
-    ``bench_*.json`` (:func:`run_bench` output, one per card): a table per file, its card, software
-    versions, commit and date in the caption. ``memprobe*.json`` (``tools/memprobe.py``): the CPU estimate
-    of activation memory. Without a bench file the text says that no GPU benchmark is committed.
-    """
-    folder = Path(folder)
-    benches = sorted(folder.glob("bench_*.json"))
-    lines = ["### GPU benchmarks of this package", ""]
-    for path in benches:
-        lines += _bench_section(path, json.loads(path.read_text(encoding="utf-8")))
-    if not benches:
-        lines += ["No GPU benchmark of this package has been committed yet (`results/perf/bench_<card>.json`).", ""]
-    probes = sorted(folder.glob("memprobe*.json"))
-    if probes:
-        lines += ["### Activation memory, estimated on the CPU", ""]
-        for path in probes:
-            lines += _memprobe_section(path, json.loads(path.read_text(encoding="utf-8")))
-    return "\n".join(lines)
+def _profiled_label(profile: bool | str, rows: list[Row]) -> str | None:
+    if profile is False:
+        return None
+    if profile is True:
+        return next((r.label for r in rows if r.kind == "step"), rows[0].label)
+    if profile not in [r.label for r in rows if r.kind != "infer"]:
+        raise ValueError(f"profile: no training-step or forward+backward row named {profile!r}")
+    return profile

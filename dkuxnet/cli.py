@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dkuxnet.config import ABLATIONS, PRESETS
+from dkuxnet.reproduce import PROFILES
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -101,18 +102,23 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    from dkuxnet.bench import run_bench
+    from dkuxnet.bench import CUDNN_BENCHMARK_LIMIT, default_out, run_bench
+    from dkuxnet.perfreport import format_summary
 
+    out = Path(a.out) if a.out else default_out(a.device)
+    limit = CUDNN_BENCHMARK_LIMIT if a.cudnn_benchmark_limit is None else a.cudnn_benchmark_limit
     result = run_bench(
-        presets=a.preset, device=a.device, out=Path(a.out) if a.out else None,
-        data_dir=Path(a.data_dir) if a.data_dir else None, steps=a.steps, warmup=a.warmup,
+        presets=a.preset, device=a.device, out=out, data_dir=Path(a.data_dir) if a.data_dir else None,
+        steps=a.steps, warmup=a.warmup, overrides=_parse_set(a.set) or None, variants=a.variants,
+        profile=a.profile, row_seconds=a.row_seconds, cudnn_benchmark_limit=limit,
+        log=lambda line: print(line, flush=True),
     )
-    print(json.dumps(result))
+    print(f"\n{format_summary(result)}\n\nwrote {out}")
     return 0
 
 
 def _cmd_perf_report(a: argparse.Namespace) -> int:
-    from dkuxnet.bench import perf_report
+    from dkuxnet.perfreport import perf_report
     from dkuxnet.errors import UserError
     from dkuxnet.fileio import write_text_atomic
 
@@ -189,13 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
 
-    b = sub.add_parser("bench", help="time the training step and protocol inference")
-    b.add_argument("--preset", nargs="+", default=None, help="default: paper vnet on CUDA, tiny on CPU")
+    b = sub.add_parser("bench", help="time the training step, forward+backward and protocol inference")
+    b.add_argument("--preset", nargs="+", default=None,
+                   help="instead of the default rows (paper on CUDA, tiny on the CPU): one row per preset, "
+                        "its training step and protocol inference")
+    b.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                   help="opt-in rows (dkuxnet.bench.VARIANTS): channels-last, depthwise-channels-last, batch-1+1, "
+                        "compile, fp32, official")
+    b.add_argument("--profile", nargs="?", const=True, default=False, metavar="ROW",
+                   help="also profile one step (torch.profiler): of the first training-step row, or of ROW")
     b.add_argument("--device", default=None)
-    b.add_argument("--out", default=None, help="JSON file to write")
-    b.add_argument("--data-dir", default=None, help="LA folder for the inference timing (default: synthetic volume)")
-    b.add_argument("--steps", type=int, default=None)
-    b.add_argument("--warmup", type=int, default=None)
+    b.add_argument("--out", default=None, help="JSON file to write (default: bench_<device>.json here)")
+    b.add_argument("--data-dir", default=None, help="LA folder: its cases instead of synthetic volumes")
+    b.add_argument("--steps", type=int, default=None, help="most timed steps per row (default 5 on CUDA, 1 on CPU)")
+    b.add_argument("--warmup", type=int, default=None, help="untimed steps per row (default 2 on CUDA, 1 on CPU)")
+    b.add_argument("--row-seconds", type=float, default=None,
+                   help="seconds of timed steps per row before it stops early (default 5 on CUDA, 1 on CPU)")
+    b.add_argument("--cudnn-benchmark-limit", type=int, default=None,
+                   help="torch.backends.cudnn.benchmark_limit during the bench (default 1; torch's is 10, 0 = all)")
+    b.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config change for every row, value parsed as JSON when possible")
     b.set_defaults(func=_cmd_bench)
 
     pr = sub.add_parser("perf-report", help="markdown tables of results/perf (benchmarks, memory estimate)")
@@ -204,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_cmd_perf_report)
 
     r = sub.add_parser("reproduce", help="run the notebooks with papermill for each ratio and seed")
-    r.add_argument("--profile", choices=("smoke", "paper"), default="smoke")
+    r.add_argument("--profile", choices=PROFILES, default="smoke")
     r.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     r.add_argument("--seeds", type=int, nargs="+", default=[1337])
     r.add_argument("--data-dir", default=None)
