@@ -33,6 +33,19 @@
 # | Mixed precision, AdamW | Helpful | the paper preset trains in bf16 autocast on a GPU |
 #
 # - **Time to learn**: 15 minutes (a paper-profile run takes hours on one GPU)
+#
+# ## On Colab
+#
+# Choose a GPU runtime (Runtime → Change runtime type), run the first code cell (it installs the
+# package), download the data in a new cell with `!python -m dkuxnet data download --dest data/LA`,
+# and set `profile = "colab"` and `data_dir = "data/LA"` in the parameters cell. The `colab` profile is
+# the `paper` profile with one labeled + one unlabeled volume per view instead of two + two (and
+# activation checkpointing, the default), so that a training step fits a 16 GB card such as Colab's T4;
+# the book's Performance page gives its estimated peak memory. Halving the batch is a different
+# experiment from the paper's: fewer volumes per step and a single negative volume per anchor in the
+# two NT-Xent terms may cost Dice. We have not measured how much; the run's label says `colab profile`.
+# The full schedule takes many hours on such a card: training resumes from `last.pt` after a
+# disconnection (`resume = True`).
 
 # %%
 import sys
@@ -41,7 +54,7 @@ if "google.colab" in sys.modules:
     # %pip install -q "dkuxnet @ git+https://github.com/dkuxnet/dkuxnet" monai==1.6.1 medpy==0.5.2
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke (CPU, phantom, tiny preset) or paper (GPU, real LA)
+profile: str = "smoke"  # smoke (CPU, phantom, tiny preset), paper (80 GB GPU, real LA) or colab (16 GB GPU)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
 label_ratio: float = 0.1  # labeled fraction of train.list

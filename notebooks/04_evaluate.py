@@ -41,7 +41,7 @@ if "google.colab" in sys.modules:
     # %pip install -q "dkuxnet @ git+https://github.com/dkuxnet/dkuxnet" monai==1.6.1 medpy==0.5.2
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke (CPU, phantom, tiny preset) or paper (GPU, real LA)
+profile: str = "smoke"  # smoke (CPU, phantom, tiny preset), paper (80 GB GPU, real LA) or colab (16 GB GPU)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
 label_ratio: float = 0.1  # labeled fraction of train.list
@@ -123,7 +123,7 @@ print(f"{summary['n_cases']} cases, {summary['seconds_per_volume']:.2f} s per vo
 # them; nothing is averaged across sources. Only rows with this run's label ratio are shown.
 
 # %%
-ours = build_result(summary, name=settings.run_dir.name, notes=settings.note if settings.smoke else None)
+ours = build_result(summary, name=settings.run_dir.name, notes=settings.result_note)
 table = comparison_table([ours], table="main").query("label_ratio == @settings.label_ratio")
 columns = ["source", "method", "labeled", "dice", "jaccard", "hd95", "asd", "n_failed", "run", "note"]
 table.sort_values("source", kind="stable")[columns].round(2)

@@ -40,7 +40,7 @@ if "google.colab" in sys.modules:
     # %pip install -q "dkuxnet @ git+https://github.com/dkuxnet/dkuxnet" monai==1.6.1 medpy==0.5.2
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke (CPU, phantom, tiny preset) or paper (GPU, real LA)
+profile: str = "smoke"  # smoke (CPU, phantom, tiny preset), paper (80 GB GPU, real LA) or colab (16 GB GPU)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
 label_ratio: float = 0.1  # labeled fraction of train.list; the paper's Table 1 uses 0.1
@@ -94,7 +94,7 @@ for row in ABLATIONS:
 # run label. The `source` column keeps them apart.
 
 # %%
-ours = [build_result(s, name=f"ablation-{row}", notes=settings.note if settings.smoke else None)
+ours = [build_result(s, name=f"ablation-{row}", notes=settings.result_note)
         for row, s in summaries.items()]
 table = comparison_table(ours, table="ablation")
 columns = ["source", "method", "labeled", "dice", "jaccard", "hd95", "asd", "n_failed", "run"]
