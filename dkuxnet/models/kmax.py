@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dkuxnet.models.blocks import maybe_checkpoint
+from dkuxnet.models.blocks import maybe_checkpoint, replayed
 from dkuxnet.precision import fp32_island, upcast
 
 
@@ -308,7 +308,7 @@ class KMaXLayer(nn.Module):
         vp = self.pixel_value(xp)  # B×C×x×y×z
         u = self.query_conv(z)  # B×C×N
         m = self.head(xp, u)  # B×N×x×y×z, fp32
-        index = hard_assignment(m).flatten(1)  # B×V
+        index = replayed(self, lambda: hard_assignment(m)).flatten(1)  # B×V, the forward's under checkpointing
         with fp32_island(z.device):
             r = self.kmeans_norm(kmeans_update(vp.flatten(2), index, z.shape[2]))  # B×C×N
         z = z + self.kmeans_proj(r)
