@@ -47,6 +47,7 @@ class ModelConfig:
     seg_head: str = "query"  # [decision] "query": Y = Σ Φ·S is the segmentation; "conv": a conv head on dec0 (official script)
     two_networks: bool = False  # [decision] False: one shared-weight network for both views; True: one per view
     checkpoint_activations: bool = True  # recompute the large-grid blocks in backward (same math, ~1/2 the memory)
+    depthwise_layout: str = "native"  # depthwise conv inputs: "native" (as they arrive) or "channels_last" (cuDNN)
     vnet_filters: int = 16  # base width of the V-Net (arch="vnet")
     vnet_dropout: bool = True  # Dropout3d(0.5) in training, as UA-MT's has_dropout=True
 

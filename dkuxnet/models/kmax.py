@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dkuxnet.models.blocks import maybe_checkpoint, replayed
+from dkuxnet.models.blocks import depthwise_input, maybe_checkpoint, replayed
 from dkuxnet.precision import fp32_island, upcast
 
 
@@ -122,6 +122,7 @@ class ConvBN(nn.Module):
         act: apply GELU after the norm.
         std: truncated-normal weight std; ``None`` = √(2 / in_channels); ``0`` = xavier-uniform.
         gamma: initial BatchNorm weight (0 for the residual branches).
+        depthwise_layout: memory layout of a depthwise conv's input (:func:`~dkuxnet.models.blocks.depthwise_input`).
     """
 
     def __init__(
@@ -136,8 +137,10 @@ class ConvBN(nn.Module):
         act: bool = False,
         std: float | None = None,
         gamma: float = 1.0,
+        depthwise_layout: str = "native",
     ) -> None:
         super().__init__()
+        self.depthwise_layout = depthwise_layout if depthwise else "native"
         conv = nn.Conv1d if dims == 1 else nn.Conv3d
         self.conv = conv(
             in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias,
@@ -154,7 +157,7 @@ class ConvBN(nn.Module):
         nn.init.constant_(self.norm.weight, gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.conv(x))
+        x = self.norm(self.conv(depthwise_input(x, self.depthwise_layout)))
         return F.gelu(x) if self.act else x
 
 
@@ -214,11 +217,15 @@ class AssignmentHead(nn.Module):
         pixel_channels: C_in of the pixel feature.
         query_dim: C, width of the queries and of the pixel head's hidden layer (C_h).
         embed_dim: E, width of pixel keys and query kernels.
+        depthwise_layout: memory layout of the 5³ depthwise conv's input.
     """
 
-    def __init__(self, pixel_channels: int, query_dim: int, embed_dim: int) -> None:
+    def __init__(self, pixel_channels: int, query_dim: int, embed_dim: int, depthwise_layout: str = "native") -> None:
         super().__init__()
-        self.pixel_dw = ConvBN(pixel_channels, pixel_channels, 3, kernel_size=5, depthwise=True, act=True, std=0)
+        self.pixel_dw = ConvBN(
+            pixel_channels, pixel_channels, 3, kernel_size=5, depthwise=True, act=True, std=0,
+            depthwise_layout=depthwise_layout,
+        )
         self.pixel_conv = ConvBN(pixel_channels, query_dim, 3, act=True)
         self.pixel_out = ConvBN(query_dim, embed_dim, 3, bias=True, std=0.01)
         self.query_out = ConvBN(query_dim, embed_dim, 1)
@@ -288,14 +295,18 @@ class KMaXLayer(nn.Module):
         embed_dim: E, affinity width (also the total q/k width of the self-attention).
         num_heads: self-attention heads.
         ffn_dim: hidden width of the query FFN.
+        depthwise_layout: memory layout of the assignment head's depthwise conv input.
     """
 
-    def __init__(self, pixel_channels: int, query_dim: int, embed_dim: int, num_heads: int, ffn_dim: int) -> None:
+    def __init__(
+        self, pixel_channels: int, query_dim: int, embed_dim: int, num_heads: int, ffn_dim: int,
+        depthwise_layout: str = "native",
+    ) -> None:
         super().__init__()
         self.pixel_conv = ConvBN(pixel_channels, query_dim, 3, act=True)
         self.pixel_value = ConvBN(query_dim, query_dim, 3, std=query_dim**-0.5)
         self.query_conv = ConvBN(query_dim, query_dim, 1, act=True)
-        self.head = AssignmentHead(query_dim, query_dim, embed_dim)
+        self.head = AssignmentHead(query_dim, query_dim, embed_dim, depthwise_layout)
         self.kmeans_norm = _batch_norm(1, query_dim)
         self.kmeans_proj = ConvBN(query_dim, query_dim, 1, gamma=0.0)
         self.attention = QueryAttention(query_dim, embed_dim, num_heads)
