@@ -40,6 +40,7 @@ it; the estimated peak falls from ≈ 97 to ≈ 45 GiB. Gradients and BatchNorm 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -137,6 +138,10 @@ class DKUXNet(nn.Module):
             for s in range(cfg.kmax_scales)
             for _ in range(cfg.kmax_layers_per_scale)
         )
+        indicator = torch.zeros(cfg.num_queries, len(self.group_sizes))  # N×G, 1 where query n is in group g
+        for g, (start, size) in enumerate(zip(itertools.accumulate((0, *self.group_sizes)), self.group_sizes)):
+            indicator[start : start + size, g] = 1.0
+        self.register_buffer("group_indicator", indicator, persistent=False)
         self.cluster_centers = nn.Parameter(torch.empty(c, cfg.num_queries))  # C×N
         trunc_normal_(self.cluster_centers, 1.0)
         self.mask_embed = ConvBN(c, c, 1, act=True)
@@ -176,8 +181,10 @@ class DKUXNet(nn.Module):
         phi = self.mlp(z.flatten(1)).view(b, self.num_queries, self.num_classes)  # B×N×K
         with fp32_island(x.device):
             probs = upcast(logits).softmax(dim=1)  # B×N×X×Y×Z
-            seg = torch.einsum("bnk,bnxyz->bkxyz", upcast(phi), probs)  # B×K×X×Y×Z
-            clusters = torch.stack([p.sum(dim=1) for p in probs.split(self.group_sizes, dim=1)], dim=1)  # B×G×X×Y×Z
+            # Y = Σ_n Φ[n]·S[n] and O[g] = Σ_{n∈g} S[n] in one product: S is read once, its gradient written once
+            weights = torch.cat((upcast(phi), self.group_indicator.to(phi.dtype).expand(b, -1, -1)), dim=2)  # B×N×(K+G)
+            merged = torch.bmm(weights.transpose(1, 2), probs.flatten(2)).view(b, -1, *x.shape[2:])  # B×(K+G)×X×Y×Z
+            seg, clusters = merged[:, : self.num_classes], merged[:, self.num_classes :]  # B×K×…, B×G×…
         out = ModelOutput(seg_logits=seg, cluster_probs=clusters, query_probs=probs, query_logits=logits, aux=aux)
         if self.conv_head is not None:
             out.query_seg_logits = seg

@@ -1,4 +1,4 @@
-"""Fused full-resolution paths equal their plain formulations in float64, values and gradients."""
+"""Fused full-resolution paths (QD logsumexp, query merge) equal their plain formulations in float64."""
 
 from __future__ import annotations
 
@@ -57,3 +57,22 @@ def test_qd_loss_equals_two_logsumexp_formula(reduction):
     (dz_want,) = torch.autograd.grad(want, z)
     torch.testing.assert_close(got, want, **TOL)
     torch.testing.assert_close(dz_got, dz_want, **TOL)
+
+
+def test_query_merge_equals_einsum_and_group_sums():
+    """Y = Σ_n Φ[n]·S[n] (einsum) and O[g] = Σ_{n∈g} S[n] (slice sums) from the one merged product."""
+    from dkuxnet.config import get_preset
+    from dkuxnet.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(get_preset("tiny").model).double()
+    captured = {}
+    model.mlp.register_forward_hook(lambda m, a, out: captured.update(phi=out))
+    out = model(torch.randn(2, 1, 32, 32, 32, dtype=torch.float64))
+    phi = captured["phi"].view(2, model.num_queries, model.num_classes)  # B×N×K
+    probs = out.query_logits.softmax(dim=1)
+    torch.testing.assert_close(out.query_probs, probs, **TOL)
+    torch.testing.assert_close(out.seg_logits, torch.einsum("bnk,bnxyz->bkxyz", phi, probs), **TOL)
+    sums = [probs[:, a:b].sum(dim=1) for a, b in ((0, 4), (4, 8), (8, 12))]  # tiny: groups (4, 4, 4)
+    torch.testing.assert_close(out.cluster_probs, torch.stack(sums, dim=1), **TOL)
+    assert "group_indicator" not in model.state_dict()  # checkpoints keep their keys
