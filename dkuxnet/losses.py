@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dkuxnet.config import ABLATIONS, LossConfig
+from dkuxnet.ops import l2_normalize
 from dkuxnet.precision import fp32_island, upcast
 
 _EPS = 1e-8  # norm floor of the cosine similarity: a zero vector has cosine 0 with everything
@@ -294,7 +295,7 @@ def ntxent_loss(
                 raise ValueError("exclude_same_class: only defined for granularity='voxel'")
             if b < 2:
                 raise ValueError(f"x: volume-level NT-Xent needs B >= 2 volumes (2B >= 4 items), got {n} items")
-            flat = F.normalize(z, dim=1, eps=_EPS).reshape(n, c * v)  # 2B×(C·V)
+            flat = l2_normalize(z, dim=1, eps=_EPS).reshape(n, c * v)  # 2B×(C·V)
             sim = flat @ flat.T / v  # 2B×2B
             eye = torch.eye(n, dtype=torch.bool, device=x.device)  # 2B×2B
             return _ntxent_rows(sim, tau, eye, b)

@@ -1,4 +1,4 @@
-"""Fused full-resolution paths (QD logsumexp, query merge) equal their plain formulations in float64."""
+"""Fused full-resolution paths (QD logsumexp, query merge, L2 normalisation) equal their plain formulations in float64."""
 
 from __future__ import annotations
 
@@ -76,3 +76,36 @@ def test_query_merge_equals_einsum_and_group_sums():
     sums = [probs[:, a:b].sum(dim=1) for a, b in ((0, 4), (4, 8), (8, 12))]  # tiny: groups (4, 4, 4)
     torch.testing.assert_close(out.cluster_probs, torch.stack(sums, dim=1), **TOL)
     assert "group_indicator" not in model.state_dict()  # checkpoints keep their keys
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_l2_normalize_equals_f_normalize(dim):
+    """Values and gradients of ops.l2_normalize equal F.normalize, zero vectors (clamped norm) included."""
+    import torch.nn.functional as F
+
+    from dkuxnet.ops import l2_normalize
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen)
+    x[0, :, 0] = 0.0
+    x[1, 2, :] = 0.0
+    x[2, :, 3] = 1e-9  # norm below eps: clamped
+    dy = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen)
+    x.requires_grad_(True)
+    got = l2_normalize(x, dim=dim, eps=1e-6)
+    want = F.normalize(x, dim=dim, eps=1e-6)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(torch.autograd.grad(got, x, dy)[0], torch.autograd.grad(want, x, dy)[0], **TOL)
+
+
+def test_l2_normalize_hand_value():
+    """x = (3, 4): y = (0.6, 0.8); ∂(y₀)/∂x = (1 − y₀²,  −y₀y₁)/5 = (0.128, −0.096)."""
+    from dkuxnet.ops import l2_normalize
+
+    x = torch.tensor([[3.0], [4.0]], dtype=torch.float64, requires_grad=True)
+    y = l2_normalize(x, dim=0)
+    torch.testing.assert_close(y, torch.tensor([[0.6], [0.8]], dtype=torch.float64))
+    (dx,) = torch.autograd.grad(y[0, 0], x)
+    torch.testing.assert_close(dx, torch.tensor([[0.128], [-0.096]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="eps"):
+        l2_normalize(x, eps=0.0)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dkuxnet.models.blocks import depthwise_input, maybe_checkpoint, replayed
+from dkuxnet.ops import l2_normalize
 from dkuxnet.precision import fp32_island, upcast
 
 
@@ -240,7 +241,7 @@ class AssignmentHead(nn.Module):
         """M = BN₁(Qcᵀ · L2norm(Kp)) in fp32: Kp B×E×X×Y×Z, Qc B×E×N → B×N×X×Y×Z."""
         b, n, spatial = qc.shape[0], qc.shape[2], kp.shape[2:]
         with fp32_island(kp.device):
-            kp = F.normalize(upcast(kp).flatten(2), dim=1)  # B×E×V
+            kp = l2_normalize(upcast(kp).flatten(2), dim=1)  # B×E×V
             m = torch.bmm(upcast(qc).transpose(1, 2), kp)  # B×N×V
             m = self.affinity_norm(m)  # B×N×V: one BN channel over every entry
         return m.view(b, n, *spatial)
