@@ -58,7 +58,7 @@ from dkuxnet.results import build_result, device_name, git_commit, write_json
 SCHEMA = "dkuxnet-check-gpu-v1"
 STAGES = ("env", "smoke", "host_sync", "bench", "train", "evaluate", "loop_check")
 STATUSES = ("ok", "warning", "failed", "skipped", "not applicable")
-SMALL_PATCH = (32, 32, 32)  # the tiny preset's patch: the smoke and host-sync stages run there
+SMALL_PATCH = tuple(get_preset("tiny").data.patch_size)  # the smoke and host-sync stages run the tiny preset
 FP32_TOLERANCE = 1e-3  # relative error vs CPU float64 above which the smoke stage warns
 BF16_TOLERANCE = 1e-1
 LOOP_DICE_TOLERANCE = 0.999  # fp32 batched vs fp32 loop: Dice below this warns
@@ -202,8 +202,7 @@ def _nvidia_smi() -> str | None:
 
 def stage_smoke(plan: CheckPlan) -> dict[str, Any]:
     """The tiny preset's step and inference on the device, and its outputs against CPU float64."""
-    bench = run_bench(presets=["tiny"], device=plan.device, steps=plan.bench_steps or 2, warmup=1,
-                      overrides={"data.patch_size": list(SMALL_PATCH)})
+    bench = run_bench(presets=["tiny"], device=plan.device, steps=plan.bench_steps or 2, warmup=1)
     row = bench["presets"]["tiny"]
     if "error" in row:
         raise RuntimeError(f"tiny training step or inference: {row['error']}")
@@ -303,7 +302,10 @@ def stage_bench(plan: CheckPlan) -> dict[str, Any]:
 
 
 def stage_train(plan: CheckPlan) -> dict[str, Any]:
-    """A short training run in ``work_dir/run``: ms per step, peak memory, the logged loss curve."""
+    """A short training run in ``work_dir/run``: ms per step, peak memory, the logged loss curve.
+
+    A non-finite loss stops the run with :class:`~dkuxnet.errors.NonFiniteLossError`: the stage fails.
+    """
     from dkuxnet.train import train
 
     if plan.data_dir is None:
@@ -313,16 +315,10 @@ def stage_train(plan: CheckPlan) -> dict[str, Any]:
         "train.checkpoint_every": plan.iterations,
     })
     summary = train(cfg, data_dir=plan.data_dir, out_dir=plan.run_dir, device=plan.device, progress=plan.progress)
-    curve = [_loss_point(line) for line in (plan.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (plan.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {k: summary[k] for k in ("iterations", "schedule", "wall_s", "ms_per_step", "peak_gib", "device")} | {
-        "label_ratio": plan.label_ratio, "loss_curve": curve,
-        "warnings": [] if all(math.isfinite(loss) for _, loss in curve) else ["non-finite loss in the loss curve"],
+        "label_ratio": plan.label_ratio, "loss_curve": [[row["iteration"], row["loss"]] for row in rows],
     }
-
-
-def _loss_point(line: str) -> tuple[int, float]:
-    row = json.loads(line)
-    return row["iteration"], math.nan if row.get("loss") is None else float(row["loss"])
 
 
 def stage_evaluate(plan: CheckPlan) -> dict[str, Any]:
@@ -388,7 +384,10 @@ def loop_vs_batched(model: torch.nn.Module, data_dir: Path, case: str, patch: tu
 
 def uamt_loop(model: torch.nn.Module, image: np.ndarray, patch: tuple[int, int, int], device: torch.device,
               stride: tuple[int, int, int] = (18, 18, 4)) -> np.ndarray:
-    """UA-MT's ``test_single_case``: one window at a time, fp32, numpy accumulation on the host; K×X×Y×Z."""
+    """UA-MT's ``test_single_case``: one window at a time, fp32, numpy accumulation on the host; K×X×Y×Z.
+
+    Written from UA-MT's code, independently of :mod:`dkuxnet.inference`, so that it checks it.
+    """
     pads = [max(p - s, 0) for p, s in zip(patch, image.shape)]
     img = np.pad(image, [(q // 2, q - q // 2) for q in pads])
     starts = [[min(st * i, n - p) for i in range(math.ceil((n - p) / st) + 1)]
@@ -480,7 +479,8 @@ def check_gpu(out: Path, plan: CheckPlan, echo: Callable[[str], None] = print) -
         report["stages"][name] = stage
         report["ok"] = report["ok"] and stage["status"] != "failed"
         write_json(out, report)
-        echo(f"[{i}/{len(STAGES)}] {name}: {stage['status']} ({stage['seconds']:.0f} s)")
+        failure = f": {stage['error'].splitlines()[0][:200]}" if stage["status"] == "failed" else ""
+        echo(f"[{i}/{len(STAGES)}] {name}: {stage['status']} ({stage['seconds']:.0f} s){failure}")
     echo(summary_table(report))
     echo(f"report: {out}")
     return report
@@ -493,6 +493,8 @@ def run_check_gpu(out: Path, work_dir: Path | None = None, echo: Callable[[str],
     A given ``work_dir`` must be empty or absent (it keeps the run and evaluation folders). In the
     rehearsal without ``data_dir`` a small synthetic data set is written there first.
     """
+    if Path(out).is_dir():
+        raise UserError(f"--out {out}: is a folder; give the report's file name, e.g. report.json")
     if work_dir is not None and Path(work_dir).exists() and any(Path(work_dir).iterdir()):
         raise UserError(f"--work-dir {work_dir}: must be empty or absent (it receives the run and evaluation folders)")
     with contextlib.ExitStack() as stack:

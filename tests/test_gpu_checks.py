@@ -65,17 +65,27 @@ def test_check_gpu_records_a_failing_stage_and_goes_on(tmp_path: Path, monkeypat
     assert "smoke: failed" in capsys.readouterr().out
 
 
-def test_summary_table_shows_failures_skips_and_warnings() -> None:
+def test_summary_table_of_a_gpu_report() -> None:
     report = {"ok": False, "options": {"rehearsal": False}, "stages": {
-        "env": {"status": "ok", "seconds": 0.1, "device": "NVIDIA T4", "torch": "2.5", "cuda": "12.4", "cudnn": 90100,
-                "memory_gib": 15.0, "warnings": ["compute capability 7.5: no native bf16"]},
+        "env": {"status": "warning", "seconds": 0.1, "device": "NVIDIA T4", "torch": "2.5", "cuda": "12.4",
+                "cudnn": 90100, "memory_gib": 15.0, "warnings": ["compute capability 7.5: no native bf16"]},
+        "smoke": {"status": "ok", "seconds": 9.0, "ms_per_step": 31.0, "infer_s_per_volume": 0.2,
+                  "relative_error_vs_cpu_float64": {"fp32.seg_logits": 2e-7, "bf16_autocast.seg_logits": 4e-3}},
+        "host_sync": {"status": "warning", "seconds": 2.0, "steps": 3, "host_syncs": ["called a synchronizing op"],
+                      "warnings": ["1 kind(s) of host sync"]},
         "bench": {"status": "failed", "seconds": 3.0, "error": "RuntimeError: every benchmark row failed\ntrace"},
-        "train": {"status": "skipped", "seconds": 0.0, "reason": "no --data-dir"},
+        "train": {"status": "ok", "seconds": 120.0, "iterations": 100, "ms_per_step": 950.0, "peak_gib": 41.5,
+                  "loss_curve": [[20, 1.5], [100, 0.9]]},
+        "evaluate": {"status": "ok", "seconds": 60.0, "metrics": {"dice": {"mean": 0.42}}, "n_cases": 20,
+                     "n_failed": 0, "seconds_per_volume": 2.9},
+        "loop_check": {"status": "skipped", "seconds": 0.0, "reason": "--loop-cases 0"},
     }}
     table = gpucheck.summary_table(report)
     assert "check-gpu on NVIDIA T4" in table and "15 GiB" in table and "warning: compute capability 7.5" in table
+    assert "bf16_autocast.seg_logits 4.0e-03" in table and "called a synchronizing op" in table
     assert "every benchmark row failed" in table and "trace" not in table
-    assert "no --data-dir" in table and table.endswith("FAILED: bench")
+    assert "peak 41.5 GiB, loss 1.500 -> 0.900" in table and "Dice 0.4200 on 20 volumes" in table
+    assert "--loop-cases 0" in table and table.endswith("FAILED: bench")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -83,12 +93,13 @@ def test_summary_table_shows_failures_skips_and_warnings() -> None:
     (["--data-dir", "{tmp}"], "no train.list"),
     (["--preset", "paper"], "the rehearsal always runs the tiny preset"),
     (["--iterations", "0"], "--iterations must be >= 1"),
+    (["--out", "{tmp}"], "is a folder"),
 ])
 def test_check_gpu_bad_arguments_are_one_line_errors(args: list[str], message: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     out = tmp_path / "report.json"
-    assert main(["check-gpu", "--rehearsal", "--device", "cpu", "--out", str(out), *args]) == 2
+    assert main(["check-gpu", "--rehearsal", "--device", "cpu", "--out", str(out), *args]) == 2  # last --out wins
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in err and err.count("\n") == 1
     assert not out.exists()
