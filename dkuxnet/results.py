@@ -206,7 +206,7 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
 def comparison_table(ours: list[dict[str, Any]], table: str = "main") -> pd.DataFrame:
     """Our results beside the paper's (Dice / Jaccard in %, distances in voxels).
 
-    Every row says its ``source``; our rows carry a ``run`` label with preset, seed, iterations
+    Every row says its ``source``; our rows have a ``run`` label with preset, seed, iterations
     (shortened schedules say so), device and evaluation mode. The ablation table shows only DKUXNet
     runs, labelled by their loss ablation.
 
