@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dkuxnet.data import read_case, read_list
 from dkuxnet.losses import GRANULARITIES, dice_ce_loss, ntxent_loss
 
 CONFIDENCES = (0.6, 0.75, 0.88, 0.95, 0.99, 0.9975)  # p of the label class at every voxel
@@ -64,8 +65,6 @@ def centre_crops(labels: Sequence[Any], size: Sequence[int] = (32, 32, 32)) -> T
 
 def first_train_labels(root: Path, n: int = 4, size: Sequence[int] = (32, 32, 32)) -> Tensor:
     """:func:`centre_crops` of the labels of the first ``n`` cases of ``root/train.list`` (thin IO wrapper)."""
-    from dkuxnet.data import read_case, read_list
-
     ids = read_list(Path(root) / "train.list")
     if not 1 <= n <= len(ids):
         raise ValueError(f"n: must be in [1, {len(ids)}] (cases in train.list), got {n}")
@@ -220,7 +219,8 @@ def gradient_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, line={"width": width}))
     fig.update_layout(
         title=title or "gradient norm of each term against prediction confidence",
-        xaxis={"title": {"text": "1 − p (p: probability of the label class)"}, "type": "log", "autorange": "reversed"},
+        xaxis={"title": {"text": "1 − p (p: probability of the label class)"}, "type": "log",
+               "autorange": "reversed"},
         yaxis={"title": {"text": "‖∂L/∂Y‖ (unweighted)"}, "type": "log", "exponentformat": "power"},
         height=480, legend={"orientation": "h", "y": -0.25},
     )
