@@ -9,7 +9,7 @@ import torch
 
 from dkuxnet.segc_probe import (
     PAPER_VOXELS, centre_crops, centred_grad_norm, confident_logits, first_train_labels, matched_voxel_samples, sweep,
-    term_gradient, two_views,
+    gradient_figure, term_gradient, two_views,
 )
 
 
@@ -87,3 +87,12 @@ def test_centre_crops_and_first_train_labels(phantom_root):
         centre_crops([lab], (5, 2, 2))
     labels = first_train_labels(phantom_root, n=2, size=(16, 16, 16))
     assert labels.shape == (2, 16, 16, 16) and set(labels.unique().tolist()) <= {0, 1}
+
+
+def test_gradient_figure_has_one_line_per_variant():
+    rows = sweep(_labels(), confidences=(0.6, 0.9), taus=(0.1, 0.3), voxel_samples=16)
+    fig = gradient_figure(rows)
+    assert len(fig.data) == 1 + 2 * 2  # Dice-CE + (2 taus x 2 granularities)
+    assert fig.data[0].name == "Dice-CE" and list(fig.data[0].x) == pytest.approx([0.1, 0.4])  # 1 - p, sorted
+    with pytest.raises(ValueError, match="rows"):
+        gradient_figure([])
