@@ -8,9 +8,10 @@ the paper leaves open and we chose is marked ``[decision]`` in its comment. Pres
 * ``official``       — what the authors' ``main_train.py`` (``Rows21/DK-UXNet``) trains, moved to LA: the
   ``UXNET`` variant (3 kMaX scales and a conv head), Dice-CE on the conv head, QD summed over voxels
   x 0.1, no deep supervision, labeled data only, one view (65,342,304 parameters).
-* ``authors-script`` — what a later LA training script of the same author (``Rows21/k-Means_Mask_Mamba``,
-  ``main_train.py``) trains: the ``DKUNET`` class (2 kMaX scales, no conv head), Dice-CE on Y and
-  QD (mean x 0.1 / 3) on both views of labeled volumes only, no consistency term (61,937,114 parameters).
+* ``authors-script`` — what an LA training script in another repository of the authors' account
+  (``Rows21/k-Means_Mask_Mamba``, ``main_train.py``; provenance unknown) trains: the ``DKUNET`` class
+  (2 kMaX scales, no conv head), Dice-CE on Y and QD (mean x 0.1 / 3) on both views of labeled volumes
+  only, no consistency term (61,937,114 parameters).
 * ``tiny``           — the ``paper`` architecture, narrow and small, for tests, CPU and Binder.
 * ``vnet``           — UA-MT's V-Net (batch norm), the supervised baseline of every LA paper.
 
