@@ -8,7 +8,10 @@ Presets (``dkuxnet.config.get_preset``):
 
 * ``paper``: kMaX on dec3, dec2, dec1 (strides 8/4/2) × 2 layers; the per-layer assignment heads are
   trained by deep supervision of ``ModelOutput.aux`` in the loss. 65,217,790 parameters.
-* ``official``: what the authors' ``DKUNET`` class computes: kMaX on dec3 and dec2 only; the per-layer
+* ``official``: the authors' ``UXNET`` variant that their ``main_train.py`` trains: the ``paper``
+  architecture plus the conv head on dec0 (``seg_head="conv"``, 124,514 parameters), which is the
+  supervised output; Y stays unsupervised. 65,342,304 parameters.
+* ``authors-script``: the authors' ``DKUNET`` class: kMaX on dec3 and dec2 only; the per-layer
   assignment heads exist (they produce the hard assignments) but receive no gradient, since nothing
   supervises them. 61,937,114 parameters. The authors' class has 65,503,397: it also holds parts that
   never influence its outputs, which we do not build (:func:`authors_dead_parts`):
@@ -21,10 +24,10 @@ Presets (``dkuxnet.config.get_preset``):
   − 32-way class heads of the 4 running kMaX layers        −32,896
   − class-embedding projection (feeds a class head)        −66,048
   − final 133-way class head                               −34,181
-  = ``official`` preset                                 61,937,114
+  = ``authors-script`` preset                           61,937,114
   ====================================================  ==========
 
-  (``paper`` = ``official`` + 2 dec1 layers without class heads, 2 × 1,640,338.)
+  (``paper`` = ``authors-script`` + 2 dec1 layers without class heads, 2 × 1,640,338.)
 
 Precision and memory: the model is bf16-autocast friendly; the affinities, assignments, k-means updates,
 query attention, ``softmax_N`` and the segmentation/cluster sums run in fp32 islands, so every
@@ -202,8 +205,8 @@ def authors_dead_parts(cfg: ModelConfig) -> dict[str, int]:
     ``DKUNET`` always builds ``kmax_layers_per_scale`` kMaX layers for every decoder scale but the finest
     (each with a 32-way class head), a class-embedding projection, a 133-way final class head, a GRN per
     UX block and a conv head (ResBlock w0→w0 + 1³ conv w0→K); none of them influences its outputs.
-    Our count plus the sum of the values is the authors' class: 65,503,397 for ``official`` and ``paper``
-    (with ``seg_head="conv"`` the conv head is built and supervised, so it is not counted here).
+    Our count plus the sum of the values is the authors' class: 65,503,397 for ``paper``, ``official`` and
+    ``authors-script`` (with ``seg_head="conv"`` the conv head is built and supervised, so it is not counted here).
     """
     c = cfg.query_dim
     with torch.device("meta"):
