@@ -4,11 +4,16 @@ Every run is described by a frozen :class:`Config` made of four parts. The defau
 ``paper`` preset: the reading of the DKUXNet paper written down in ``method.md``; every field that
 the paper leaves open and we chose is marked ``[decision]`` in its comment. Presets:
 
-* ``paper``    — 3 kMaX scales x 2 layers, deep-supervised assignment heads (65,217,790 parameters).
-* ``official`` — what the authors' ``DKUNET`` class computes: 2 kMaX scales, per-layer assignment
-  heads left untrained, QD loss summed over voxels x 0.1.
-* ``tiny``     — the same architecture, narrow and small, for tests, CPU and Binder.
-* ``vnet``     — UA-MT's V-Net (batch norm), the supervised baseline of every LA paper.
+* ``paper``          — 3 kMaX scales x 2 layers, deep-supervised assignment heads (65,217,790 parameters).
+* ``official``       — what the authors' ``main_train.py`` (``Rows21/DK-UXNet``) trains, moved to LA: the
+  ``UXNET`` variant (3 kMaX scales and a conv head), Dice-CE on the conv head, QD summed over voxels
+  x 0.1, no deep supervision, labeled data only, one view (65,342,304 parameters).
+* ``authors-script`` — what an LA training script in another repository of the authors' account
+  (``Rows21/k-Means_Mask_Mamba``, ``main_train.py``; provenance unknown) trains: the ``DKUNET`` class
+  (2 kMaX scales, no conv head), Dice-CE on Y and QD (mean x 0.1 / 3) on both views of labeled volumes
+  only, no consistency term (61,937,114 parameters).
+* ``tiny``           — the ``paper`` architecture, narrow and small, for tests, CPU and Binder.
+* ``vnet``           — UA-MT's V-Net (batch norm), the supervised baseline of every LA paper.
 
 A config round-trips through plain dicts (:meth:`Config.to_dict`, :meth:`Config.from_dict`) so it can
 be stored in checkpoints (``weights_only=True``), JSON results and papermill parameters, and be
@@ -21,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-PRESETS = ("paper", "official", "tiny", "vnet")
+PRESETS = ("paper", "official", "authors-script", "tiny", "vnet")
 ABLATIONS = ("seg", "qdc", "segc", "all")  # paper Table 1 rows: L_seg; +L_qdc; +L_segc; all three
 
 
@@ -40,13 +45,14 @@ class ModelConfig:
     embed_dim: int = 128  # width of pixel keys / query kernels in the affinity
     num_heads: int = 8  # query self-attention heads
     ffn_dim: int = 2048  # query FFN hidden width
-    kmax_scales: int = 3  # [decision] dec3, dec2, dec1 (paper text); official DKUNET runs 2
+    kmax_scales: int = 3  # [decision] dec3, dec2, dec1 (paper text; UXNET); the DKUNET class runs 2
     kmax_layers_per_scale: int = 2
     query_groups: tuple[int, ...] = (16, 4, 108)  # background / organ / "tumor" (method.md 4)
     mlp_hidden: int = 64  # cluster-classification MLP over all flattened centres
     seg_head: str = "query"  # [decision] "query": Y = Σ Φ·S is the segmentation; "conv": a conv head on dec0 (official script)
     two_networks: bool = False  # [decision] False: one shared-weight network for both views; True: one per view
     checkpoint_activations: bool = True  # recompute the large-grid blocks in backward (same math, ~1/2 the memory)
+    depthwise_layout: str = "native"  # depthwise conv inputs: "native" (as they arrive) or "channels_last" (cuDNN)
     vnet_filters: int = 16  # base width of the V-Net (arch="vnet")
     vnet_dropout: bool = True  # Dropout3d(0.5) in training, as UA-MT's has_dropout=True
 
@@ -172,11 +178,25 @@ def get_preset(name: str) -> Config:
     """Build one of :data:`PRESETS`. Raises ``ValueError`` for an unknown name."""
     if name == "paper":
         return Config()
-    if name == "official":
+    if name == "official":  # Rows21/DK-UXNet main_train.py: supervised, UXNET, loss on the conv head
         return Config(
             preset="official",
+            model=ModelConfig(seg_head="conv"),
+            loss=LossConfig(lambda_qd=0.1, qd_reduction="sum", lambda_ds=0.0, ablation="seg"),
+            data=DataConfig(unlabeled_bs=0, views=1),
+        )
+    if name == "authors-script":  # Rows21/k-Means_Mask_Mamba main_train.py on LA (book: decisions)
+        return Config(
+            preset="authors-script",
             model=ModelConfig(kmax_scales=2),
-            loss=LossConfig(lambda_qd=0.1, qd_reduction="sum", lambda_ds=0.0),
+            # its QD is -mean over B·3·V of onehot·log O, i.e. the voxel mean / 3; consistency terms off
+            loss=LossConfig(lambda_qd=0.1 / 3, lambda_ds=0.0, tau=0.5, ablation="seg"),
+            # strong view: noise of variance U(0, 5), here its mean power (σ² = 2.5), no clip, nothing else
+            data=DataConfig(
+                label_ratio=0.2, unlabeled_bs=0, noise_std=2.5**0.5, noise_clip=100.0, contrast_p=0.0, blur_p=0.0
+            ),
+            # 2,000 loop steps of which about 22 % take an optimiser step (the others are skipped)
+            train=TrainConfig(max_iterations=440, seed=0),
         )
     if name == "tiny":
         return Config(

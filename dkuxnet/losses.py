@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dkuxnet.config import ABLATIONS, LossConfig
+from dkuxnet.ops import l2_normalize
 from dkuxnet.precision import fp32_island, upcast
 
 _EPS = 1e-8  # norm floor of the cosine similarity: a zero vector has cosine 0 with everything
@@ -107,6 +108,45 @@ def _check_groups(group_sizes: Sequence[int], n: int) -> None:
         raise ValueError(f"group_sizes: need positive sizes summing to N={n}, got {tuple(group_sizes)}")
 
 
+class _GroupedLogSumExp(torch.autograd.Function):
+    """logsumexp over consecutive slices of dim 1; backward writes each slice's softmax·grad in place."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, bounds: tuple[int, ...]) -> Tensor:
+        lse = torch.stack([z[:, a:b].logsumexp(dim=1) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)  # B×G×...
+        ctx.save_for_backward(z, lse)
+        ctx.bounds = bounds
+        return lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        z, lse = ctx.saved_tensors
+        dz = torch.empty_like(z)
+        for g, (a, b) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
+            out = dz[:, a:b]
+            torch.sub(z[:, a:b], lse[:, g : g + 1], out=out)
+            out.exp_().mul_(grad[:, g : g + 1])  # ∂lse_g/∂z_n = softmax within the group
+        return dz, None
+
+
+def grouped_logsumexp(z: Tensor, group_sizes: Sequence[int]) -> Tensor:
+    r"""Per-group logsumexp over dim 1: :math:`\mathrm{lse}_g = \log\sum_{n\in g} e^{z_n}`, groups = consecutive slices.
+
+    Same values and gradients as stacking ``z[:, a:b].logsumexp(dim=1)`` per group, with one read of
+    ``z`` forward and one write of its gradient backward (autograd's slices would each allocate and add a
+    full-size zero gradient).
+
+    Args:
+        z: B×N×... logits.
+        group_sizes: G positive sizes summing to N.
+
+    Returns:
+        B×G×... tensor in ``z``'s dtype.
+    """
+    _check_groups(group_sizes, z.shape[1])
+    return _GroupedLogSumExp.apply(z, tuple(itertools.accumulate((int(s) for s in group_sizes), initial=0)))
+
+
 def qd_loss(query_logits: Tensor, group_target: Tensor, group_sizes: Sequence[int], reduction: str = "mean") -> Tensor:
     r"""Query-distribution (QD) loss: NLL of the query masses merged into groups (method.md §5.1).
 
@@ -117,7 +157,9 @@ def qd_loss(query_logits: Tensor, group_target: Tensor, group_sizes: Sequence[in
     ``reduction="mean"``: :math:`\frac{1}{BV}\sum_b \ell_b` (mean over voxels and batch, the [decision]).
     ``reduction="sum"``: :math:`\frac{1}{B}\sum_b \ell_b` — sum over voxels, mean over batch; this is the
     official ``qd = -mean_b(sum_{g,v} onehot * log O)`` (the sum over groups only picks the target group).
-    Computed in log space (no log 0), queries grouped by consecutive slices of ``group_sizes``.
+    Computed in log space (no log 0), queries grouped by consecutive slices of ``group_sizes``; the total
+    :math:`\operatorname{logsumexp}_n` is taken as the logsumexp of the G group values (the same number),
+    so the full-resolution logits are read once (:func:`grouped_logsumexp`).
 
     Args:
         query_logits: B×N×... per-voxel query logits (softmax over N = the assignment S).
@@ -137,14 +179,12 @@ def qd_loss(query_logits: Tensor, group_target: Tensor, group_sizes: Sequence[in
         )
     _check_groups(group_sizes, query_logits.shape[1])
     with fp32_island(query_logits.device):
-        z = upcast(query_logits)
-        bounds = [0, *itertools.accumulate(int(s) for s in group_sizes)]
-        lse_g = torch.stack([z[:, a:b].logsumexp(dim=1) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)  # B×G×...
-        log_o = lse_g - z.logsumexp(dim=1, keepdim=True)  # B×G×...
+        lse_g = grouped_logsumexp(upcast(query_logits), group_sizes)  # B×G×...
+        log_o = lse_g - lse_g.logsumexp(dim=1, keepdim=True)  # B×G×...: log Σ_n e^z = log Σ_g e^(lse_g)
         y = group_target.long()
         if reduction == "mean":
             return F.nll_loss(log_o, y)
-        return F.nll_loss(log_o, y, reduction="sum") / z.shape[0]
+        return F.nll_loss(log_o, y, reduction="sum") / query_logits.shape[0]
 
 
 def downsample_nearest(label: Tensor, size: Sequence[int]) -> Tensor:
@@ -255,7 +295,7 @@ def ntxent_loss(
                 raise ValueError("exclude_same_class: only defined for granularity='voxel'")
             if b < 2:
                 raise ValueError(f"x: volume-level NT-Xent needs B >= 2 volumes (2B >= 4 items), got {n} items")
-            flat = F.normalize(z, dim=1, eps=_EPS).reshape(n, c * v)  # 2B×(C·V)
+            flat = l2_normalize(z, dim=1, eps=_EPS).reshape(n, c * v)  # 2B×(C·V)
             sim = flat @ flat.T / v  # 2B×2B
             eye = torch.eye(n, dtype=torch.bool, device=x.device)  # 2B×2B
             return _ntxent_rows(sim, tau, eye, b)

@@ -86,7 +86,7 @@ def summarize(rows: Sequence[dict[str, Any]], suffix: str = "") -> dict[str, Any
     deviation (``ddof=0``) over the same cases as the mean.
 
     Args:
-        rows: per-case dicts from :func:`case_metrics` (keys may carry ``suffix``).
+        rows: per-case dicts from :func:`case_metrics` (keys may end in ``suffix``).
         suffix: key suffix of the variant to summarise, e.g. ``"_lcc"``.
 
     Returns:

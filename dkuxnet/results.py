@@ -206,7 +206,7 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
 def comparison_table(ours: list[dict[str, Any]], table: str = "main") -> pd.DataFrame:
     """Our results beside the paper's (Dice / Jaccard in %, distances in voxels).
 
-    Every row says its ``source``; our rows carry a ``run`` label with preset, seed, iterations
+    Every row says its ``source``; our rows have a ``run`` label with preset, seed, iterations
     (shortened schedules say so), device and evaluation mode. The ablation table shows only DKUXNet
     runs, labelled by their loss ablation.
 
@@ -255,19 +255,27 @@ def run_label(r: dict[str, Any]) -> str:
     return f"preset={r['preset']} seed={r['seed']} {sched} on {r['device']}, eval={r['eval_mode']}"
 
 
-def git_commit(folder: Path | None = None) -> str | None:
-    """HEAD commit of the repository holding ``folder`` (default: this package), ``+dirty`` when tracked
-    files are modified; outside a git checkout the ``DKUXNET_COMMIT`` environment variable (set it when
-    running a copy of the tree without ``.git``, e.g. on a lent GPU machine), else ``None``."""
-    where = str(folder or Path(__file__).resolve().parent)
+def git_commit(package: Path | None = None) -> str:
+    """Commit of the package's own repository, ``+dirty`` when tracked files are modified.
+
+    "Own" means the repository whose top level is the folder that holds the ``package`` folder (default:
+    this package's folder), as in a clone of the project. A package copied into some other repository, or
+    installed into site-packages, has none: then the ``DKUXNET_COMMIT`` environment variable (set it when
+    running a copy of the tree without ``.git``), else ``"unknown"``.
+    """
+    pkg = Path(package or Path(__file__).resolve().parent).resolve()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
     try:
-        head = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == pkg.parent:
+            dirty = git("status", "--porcelain", "--untracked-files=no")
+            return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("DKUXNET_COMMIT") or None
-    return (head + ("+dirty" if dirty else "")) or None
+        pass
+    return os.environ.get("DKUXNET_COMMIT") or "unknown"
 
 
 def device_name(device: Any) -> str:

@@ -5,6 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -82,7 +83,8 @@ print(settings.note)
 # parameters of each part (grouped below; `model_info(preset)["parts"]` has every part). `paper`
 # (3 kMaX scales, deep-supervised assignment heads) should count
 # 65,217,790 — the architecture regression number of `method.md` §3.6; `official` is what the
-# authors' `DKUNET` class computes (2 kMaX scales); `vnet` is the supervised baseline of the LA
+# authors' training script trains (the same plus a convolutional head); `authors-script` is the
+# authors' `DKUNET` class (2 kMaX scales); `vnet` is the supervised baseline of the LA
 # literature; `tiny` is the same architecture as `paper`, narrow, for CPUs.
 
 # %%

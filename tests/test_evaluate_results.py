@@ -172,8 +172,3 @@ def test_comparison_tables(evaluated):
     assert main.loc[main["source"] == PAPER_SOURCE, "dice_std"].isna().all()
     assert not math.isnan(mine["dice_std"].iloc[0])
 
-
-def test_git_commit_outside_a_repository_is_none(tmp_path):
-    from dkuxnet.results import git_commit
-
-    assert git_commit(tmp_path) is None

@@ -136,7 +136,7 @@ def test_paper_every_parameter_gets_gradient_with_deep_supervision():
         assert all(p.grad.abs().sum() > 0 for p in layer.head.query_out.parameters())
 
 
-def test_official_assignment_heads_get_no_gradient():
+def test_dkunet_assignment_heads_get_no_gradient():
     model = _model(kmax_scales=2)
     assert len(model.kmax) == 4
     _loss(model(_input()), _label(), model.group_sizes, deep_supervision=False).backward()
@@ -146,15 +146,17 @@ def test_official_assignment_heads_get_no_gradient():
 
 
 def test_parameter_counts():
-    paper, official, vnet = model_info("paper"), model_info("official"), model_info("vnet")
+    paper, official, dkunet, vnet = (model_info(p) for p in ("paper", "official", "authors-script", "vnet"))
     assert paper["parameters"] == 65_217_790  # method.md §3.6
     assert vnet["parameters"] == 9_448_866  # protocol.md §3 / MC-Net issue #14
-    assert official["parameters"] == 61_937_114
-    for info in (paper, official):
+    assert official["parameters"] == 65_342_304  # paper + the conv head (124,514)
+    assert dkunet["parameters"] == 61_937_114  # the DKUNET class: 2 kMaX scales
+    for info in (paper, official, dkunet):
         assert info["authors_dkunet"]["parameters"] == 65_503_397  # the authors' DKUNET class, method.md §3.6
         assert sum(info["parts"].values()) == info["parameters"]
-    assert official["authors_dkunet"]["dead_parts_not_built"]["unused_kmax_layers"] == 3_297_124
+    assert dkunet["authors_dkunet"]["dead_parts_not_built"]["unused_kmax_layers"] == 3_297_124
     assert paper["assignment_heads_trained"] and not official["assignment_heads_trained"]
+    assert not dkunet["assignment_heads_trained"]
     assert sum(vnet["parts"].values()) == vnet["parameters"]
 
 

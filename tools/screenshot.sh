@@ -10,14 +10,14 @@
 # $PYTHON the interpreter that serves the files.
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,11p' "$0" >&2; exit 2; }
-html_dir=$1 page=$2 out=$3 size=${4:-1280,3000}
+html_dir=$1 page=$2 png=$3 size=${4:-1280,3000}
 browser=${CHROMIUM:-$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)}
 [ -n "$browser" ] || { echo "screenshot: chromium not found (apt-get install chromium)" >&2; exit 3; }
 [ -f "$html_dir/$page" ] || { echo "screenshot: $html_dir/$page not found (run make book)" >&2; exit 2; }
 py=${PYTHON:-python3}
-dom=${out%.png}.dom.html
-mkdir -p "$(dirname "$out")"
-rm -f "$out" "$dom"
+dom=${png%.png}.dom.html
+mkdir -p "$(dirname "$png")"
+rm -f "$png" "$dom"
 
 port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$py" -m http.server --bind 127.0.0.1 -d "$html_dir" "$port" >/dev/null 2>&1 &
@@ -34,10 +34,10 @@ url="http://127.0.0.1:$port/$page"
 flags=(--headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update
        --no-first-run --disable-sync --hide-scrollbars --user-data-dir="$profile"
        --window-size="$size" --virtual-time-budget=15000)
-timeout 120 "$browser" "${flags[@]}" --screenshot="$out" --dump-dom "$url" >"$dom" 2>"$log" || true
-if [ ! -s "$out" ] || [ ! -s "$dom" ]; then
+timeout 120 "$browser" "${flags[@]}" --screenshot="$png" --dump-dom "$url" >"$dom" 2>"$log" || true
+if [ ! -s "$png" ] || [ ! -s "$dom" ]; then
   echo "screenshot: chromium wrote no output for $url" >&2
   tail -n 20 "$log" >&2
   exit 1
 fi
-echo "screenshot: $out ($dom)"
+echo "screenshot: $png ($dom)"

@@ -37,6 +37,21 @@ class LayerNorm3d(nn.LayerNorm):
         return y.permute(0, 4, 1, 2, 3)  # B×C×X×Y×Z
 
 
+DEPTHWISE_LAYOUTS = ("native", "channels_last")
+
+
+def depthwise_input(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The input of a depthwise conv in the memory layout ``layout`` asks for (same values either way).
+
+    ``"native"`` leaves it as it arrives: a contiguous B×C×X×Y×Z tensor then runs PyTorch's own
+    ``conv_depthwise3d`` kernel on CUDA, a channels-last one cuDNN. ``"channels_last"`` makes it
+    ``channels_last_3d``, which PyTorch always hands to cuDNN (one transposing copy when it was contiguous).
+    """
+    if layout not in DEPTHWISE_LAYOUTS:
+        raise ValueError(f"depthwise_layout must be one of {DEPTHWISE_LAYOUTS}, got {layout!r}")
+    return x.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last" else x
+
+
 def _instance_norm(x: torch.Tensor) -> torch.Tensor:
     return F.instance_norm(x, eps=1e-5)
 
@@ -91,6 +106,46 @@ def _frozen_running_stats(module: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
+_replay_scopes: list[tuple[bool, dict[int, list[Any]], dict[int, int]]] = []  # (recompute?, values, cursors)
+
+
+@contextlib.contextmanager
+def _recompute_scope(owner: nn.Module, store: dict[int, list[Any]]) -> Iterator[None]:
+    with _frozen_running_stats(owner), _replay_scope(True, store):
+        yield
+
+
+@contextlib.contextmanager
+def _replay_scope(recompute: bool, store: dict[int, list[Any]]) -> Iterator[None]:
+    _replay_scopes.append((recompute, store, {}))
+    try:
+        yield
+    finally:
+        _replay_scopes.pop()
+
+
+def replayed(owner: nn.Module, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()`` in a forward; in the backward recompute of a :func:`maybe_checkpoint` call, the value
+    that forward computed, returned verbatim instead of computed again.
+
+    For values that gradients depend on but that are not differentiable themselves, such as the hard
+    k-means assignment: a recompute that differs in the last bits (atomics in ``index_add`` on CUDA)
+    could flip a near-tie argmax, and backward would then follow another assignment than the forward.
+    Values are keyed by ``owner`` and replayed in call order. Outside a checkpoint this is ``compute()``.
+    """
+    if not _replay_scopes:
+        return compute()
+    recompute, store, cursors = _replay_scopes[-1]
+    key = id(owner)
+    if not recompute:
+        value = compute()
+        store.setdefault(key, []).append(value)
+        return value
+    i = cursors.get(key, 0)
+    cursors[key] = i + 1
+    return store[key][i]
+
+
 def maybe_checkpoint(
     fn: Callable[..., Any], *args: torch.Tensor, enabled: bool, module: nn.Module | None = None
 ) -> Any:
@@ -98,7 +153,8 @@ def maybe_checkpoint(
 
     ``fn`` is a module or a method of ``module``. Only active while ``module`` (default: ``fn``) is training
     with gradients on. BatchNorm running statistics are updated once, in the first forward, as without
-    checkpointing (the eager recomputation runs with momentum 0).
+    checkpointing (the eager recomputation runs with momentum 0), and values marked with :func:`replayed`
+    are reused from the forward, not recomputed.
     """
     owner = fn if module is None else module
     if not (enabled and owner.training and torch.is_grad_enabled()):
@@ -107,6 +163,7 @@ def maybe_checkpoint(
         return checkpoint(fn, *args, use_reentrant=False)
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _frozen_running_stats(owner)
+        store: dict[int, list[Any]] = {}
+        return _replay_scope(False, store), _recompute_scope(owner, store)
 
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)

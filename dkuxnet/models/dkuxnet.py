@@ -8,7 +8,10 @@ Presets (``dkuxnet.config.get_preset``):
 
 * ``paper``: kMaX on dec3, dec2, dec1 (strides 8/4/2) × 2 layers; the per-layer assignment heads are
   trained by deep supervision of ``ModelOutput.aux`` in the loss. 65,217,790 parameters.
-* ``official``: what the authors' ``DKUNET`` class computes: kMaX on dec3 and dec2 only; the per-layer
+* ``official``: the authors' ``UXNET`` variant that their ``main_train.py`` trains: the ``paper``
+  architecture plus the conv head on dec0 (``seg_head="conv"``, 124,514 parameters), which is the
+  supervised output; Y stays unsupervised. 65,342,304 parameters.
+* ``authors-script``: the authors' ``DKUNET`` class: kMaX on dec3 and dec2 only; the per-layer
   assignment heads exist (they produce the hard assignments) but receive no gradient, since nothing
   supervises them. 61,937,114 parameters. The authors' class has 65,503,397: it also holds parts that
   never influence its outputs, which we do not build (:func:`authors_dead_parts`):
@@ -21,10 +24,10 @@ Presets (``dkuxnet.config.get_preset``):
   − 32-way class heads of the 4 running kMaX layers        −32,896
   − class-embedding projection (feeds a class head)        −66,048
   − final 133-way class head                               −34,181
-  = ``official`` preset                                 61,937,114
+  = ``authors-script`` preset                           61,937,114
   ====================================================  ==========
 
-  (``paper`` = ``official`` + 2 dec1 layers without class heads, 2 × 1,640,338.)
+  (``paper`` = ``authors-script`` + 2 dec1 layers without class heads, 2 × 1,640,338.)
 
 Precision and memory: the model is bf16-autocast friendly; the affinities, assignments, k-means updates,
 query attention, ``softmax_N`` and the segmentation/cluster sums run in fp32 islands, so every
@@ -40,13 +43,14 @@ it; the estimated peak falls from ≈ 97 to ≈ 45 GiB. Gradients and BatchNorm 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dkuxnet.config import ModelConfig
-from dkuxnet.models.blocks import ResBlock3d, UpBlock3d, maybe_checkpoint
+from dkuxnet.models.blocks import DEPTHWISE_LAYOUTS, ResBlock3d, UpBlock3d, maybe_checkpoint
 from dkuxnet.models.kmax import AssignmentHead, ConvBN, KMaXLayer, trunc_normal_
 from dkuxnet.models.uxnet import UXNetEncoder
 from dkuxnet.precision import fp32_island, upcast
@@ -100,6 +104,8 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(
             f"kmax_scales must be in [1, {len(cfg.widths) - 1}] for {len(cfg.widths)} stages, got {cfg.kmax_scales}"
         )
+    if cfg.depthwise_layout not in DEPTHWISE_LAYOUTS:
+        raise ValueError(f"depthwise_layout must be one of {DEPTHWISE_LAYOUTS}, got {cfg.depthwise_layout!r}")
     if cfg.seg_head not in SEG_HEADS:
         raise ValueError(f"seg_head must be one of {SEG_HEADS}, got {cfg.seg_head!r}")
     if not cfg.query_groups or min(cfg.query_groups) < 1 or sum(cfg.query_groups) != cfg.num_queries:
@@ -123,7 +129,7 @@ class DKUXNet(nn.Module):
         self.num_classes, self.num_queries = cfg.num_classes, cfg.num_queries
         self.layers_per_scale = cfg.kmax_layers_per_scale
         self.checkpoint_activations = cfg.checkpoint_activations
-        self.encoder = UXNetEncoder(cfg.in_channels, w, cfg.depths)
+        self.encoder = UXNetEncoder(cfg.in_channels, w, cfg.depths, cfg.depthwise_layout)
         # enc1 (raw input, full resolution), enc2…enc_L (stage outputs), last = bottleneck (hidden)
         self.encoders = nn.ModuleList(
             ResBlock3d(c_in, c_out) for c_in, c_out in zip((cfg.in_channels, *w), (*w, cfg.hidden))
@@ -131,14 +137,18 @@ class DKUXNet(nn.Module):
         # coarse to fine: dec_{L-1} (stride 2^(L-1)) … dec0 (full resolution)
         self.decoders = nn.ModuleList(UpBlock3d(c_in, c_out) for c_in, c_out in zip((cfg.hidden, *w[:0:-1]), w[::-1]))
         self.kmax = nn.ModuleList(
-            KMaXLayer(w[-1 - s], c, cfg.embed_dim, cfg.num_heads, cfg.ffn_dim)
+            KMaXLayer(w[-1 - s], c, cfg.embed_dim, cfg.num_heads, cfg.ffn_dim, cfg.depthwise_layout)
             for s in range(cfg.kmax_scales)
             for _ in range(cfg.kmax_layers_per_scale)
         )
+        indicator = torch.zeros(cfg.num_queries, len(self.group_sizes))  # N×G, 1 where query n is in group g
+        for g, (start, size) in enumerate(zip(itertools.accumulate((0, *self.group_sizes)), self.group_sizes)):
+            indicator[start : start + size, g] = 1.0
+        self.register_buffer("group_indicator", indicator, persistent=False)
         self.cluster_centers = nn.Parameter(torch.empty(c, cfg.num_queries))  # C×N
         trunc_normal_(self.cluster_centers, 1.0)
         self.mask_embed = ConvBN(c, c, 1, act=True)
-        self.predictor = AssignmentHead(w[0], c, cfg.embed_dim)
+        self.predictor = AssignmentHead(w[0], c, cfg.embed_dim, cfg.depthwise_layout)
         # the authors' conv head (``decoder1`` ResBlock + 1³ ``out`` conv on dec0), built for seg_head="conv"
         self.conv_head = (
             nn.Sequential(ResBlock3d(w[0], w[0]), nn.Conv3d(w[0], cfg.num_classes, 1)) if cfg.seg_head == "conv" else None
@@ -174,8 +184,10 @@ class DKUXNet(nn.Module):
         phi = self.mlp(z.flatten(1)).view(b, self.num_queries, self.num_classes)  # B×N×K
         with fp32_island(x.device):
             probs = upcast(logits).softmax(dim=1)  # B×N×X×Y×Z
-            seg = torch.einsum("bnk,bnxyz->bkxyz", upcast(phi), probs)  # B×K×X×Y×Z
-            clusters = torch.stack([p.sum(dim=1) for p in probs.split(self.group_sizes, dim=1)], dim=1)  # B×G×X×Y×Z
+            # Y = Σ_n Φ[n]·S[n] and O[g] = Σ_{n∈g} S[n] in one product: S is read once, its gradient written once
+            weights = torch.cat((upcast(phi), self.group_indicator.to(phi.dtype).expand(b, -1, -1)), dim=2)  # B×N×(K+G)
+            merged = torch.bmm(weights.transpose(1, 2), probs.flatten(2)).view(b, -1, *x.shape[2:])  # B×(K+G)×X×Y×Z
+            seg, clusters = merged[:, : self.num_classes], merged[:, self.num_classes :]  # B×K×…, B×G×…
         out = ModelOutput(seg_logits=seg, cluster_probs=clusters, query_probs=probs, query_logits=logits, aux=aux)
         if self.conv_head is not None:
             out.query_seg_logits = seg
@@ -193,8 +205,8 @@ def authors_dead_parts(cfg: ModelConfig) -> dict[str, int]:
     ``DKUNET`` always builds ``kmax_layers_per_scale`` kMaX layers for every decoder scale but the finest
     (each with a 32-way class head), a class-embedding projection, a 133-way final class head, a GRN per
     UX block and a conv head (ResBlock w0→w0 + 1³ conv w0→K); none of them influences its outputs.
-    Our count plus the sum of the values is the authors' class: 65,503,397 for ``official`` and ``paper``
-    (with ``seg_head="conv"`` the conv head is built and supervised, so it is not counted here).
+    Our count plus the sum of the values is the authors' class: 65,503,397 for ``paper``, ``official`` and
+    ``authors-script`` (with ``seg_head="conv"`` the conv head is built and supervised, so it is not counted here).
     """
     c = cfg.query_dim
     with torch.device("meta"):
