@@ -37,16 +37,22 @@ SMOKE_NOTE = (
     "synthetic phantom, tiny preset (32³ patches, batch 1 + 1, lr 0.01), {device}, shortened schedule — "
     "not comparable to the paper"
 )
-# Colab changes to a DKUXNet preset (paper, official; the V-Net fits a 16 GB card as it is): one labeled +
-# one unlabeled volume per view instead of 2 + 2 (4 volumes per step instead of 8; the activation memory is
-# linear in the number of volumes) and activation checkpointing (the presets' default, stated because the
-# fit depends on it). Volume-level NT-Xent still has one negative volume per anchor at 1 + 1.
+# Colab changes to the paper preset, the smallest we found that fits a 16 GB card (tools/memprobe.py estimates
+# in results/perf/memprobe_cpu.json). Other presets run as they are (the V-Net fits; official and
+# authors-script train 1 or 2 volumes per view).
+# * one labeled + one unlabeled volume per view instead of 2 + 2: 4 volumes per step instead of 8
+#   (activation memory is linear in the number of volumes);
+# * activation checkpointing, the preset's default, stated because the fit depends on it;
+# * L_qdc at voxel granularity (the other reading of the paper, ``LossConfig.qdc_granularity``): its volume-level
+#   form keeps several full-resolution N×V copies of S through the loss's backward, which at 1 + 1 alone
+#   still needs about twice the card. L_segc stays at volume level (2 volumes per view: one negative each).
 COLAB_CHANGES = (
     ("data.labeled_bs", 1), ("data.unlabeled_bs", 1), ("model.checkpoint_activations", True),
+    ("loss.qdc_granularity", "voxel"),
 )
 COLAB_NOTE = (
-    "colab profile: LA data, preset {preset} at batch 1 + 1 per view (the paper's: 2 + 2), {iterations} "
-    "iterations, {device} — no measured Dice for this batch"
+    "colab profile: LA data, preset {preset} at batch 1 + 1 per view (the paper's: 2 + 2) and voxel-level L_qdc, "
+    "{iterations} iterations, {device} — no measured Dice for this setting"
 )
 
 
@@ -70,8 +76,8 @@ class Settings:
 
     @property
     def colab(self) -> bool:
-        """True when the colab profile changes this run's preset (:data:`COLAB_CHANGES`; not for ``vnet``)."""
-        return self.profile == "colab" and self.preset != "vnet"
+        """True when the colab profile changes this run's preset (:data:`COLAB_CHANGES`, ``paper`` only)."""
+        return self.profile == "colab" and self.preset == "paper"
 
     @property
     def note(self) -> str:

@@ -39,8 +39,9 @@ def test_colab_profile_is_the_paper_profile_with_the_colab_changes():
     assert cfg.override(**{k: getattr(getattr(paper, k.split(".")[0]), k.split(".")[1]) for k, _ in COLAB_CHANGES}) == paper
     assert "colab profile" in s.note and "2 + 2" in s.note and s.result_note == s.note
     assert resolve_profile("paper", device="cuda").result_note is None
-    vnet = resolve_profile("colab", preset="vnet", device="cuda")  # the V-Net fits as it is
-    assert not vnet.colab and vnet.config().data == get_preset("vnet").data and vnet.result_note is None
+    for preset in ("vnet", "official"):  # other presets run as they are
+        other = resolve_profile("colab", preset=preset, device="cuda")
+        assert not other.colab and other.config().data == get_preset(preset).data and other.result_note is None
     assert plan_runs("colab", [0.1], [1])[0].parameters["profile"] == "colab"
 
 

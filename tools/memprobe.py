@@ -36,6 +36,7 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -174,23 +175,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="K=V[,K=V]",
                     help="one variant per --set (dotted config keys); default: the preset as is")
     ap.add_argument("--out", type=Path, help="write the JSON here")
+    ap.add_argument("--jobs", type=int, default=1, help="measurements run at the same time (one process each)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
         print(json.dumps(probe(args.preset, tuple(args.patch), _parse_set(args.child))))
         return 0
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    rows = []
     x, y, z = args.patch
-    for variant in args.set or [""]:
-        runs = []
-        for patch in ((x, y, z), (x, y, 2 * z)):
-            cmd = [sys.executable, __file__, "--preset", args.preset, "--patch", *map(str, patch), "--child", variant]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"memprobe: variant {variant!r} at {patch} failed:\n{done.stderr[-2000:]}")
-            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        rows.append(fit(*runs))
+    variants = args.set or [""]
+
+    def child(job: tuple[str, tuple[int, int, int]]) -> dict[str, Any]:
+        variant, patch = job
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--patch", *map(str, patch), "--child", variant]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"memprobe: variant {variant!r} at {patch} failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    jobs = [(variant, patch) for variant in variants for patch in ((x, y, 2 * z), (x, y, z))]  # larger first
+    with ThreadPoolExecutor(args.jobs) as pool:  # each child is its own process: its peak RSS is its own
+        done = list(pool.map(child, jobs))
+    rows = []
+    for i, variant in enumerate(variants):
+        rows.append(fit(done[2 * i + 1], done[2 * i]))
         r = rows[-1]
         print(f"{args.preset} {variant or '(preset)'}: saved {r['saved_bytes_per_voxel']:.0f} B/voxel, "
               f"peak {r['peak_bytes_per_voxel']:.0f} B/voxel -> at {r['estimate_at']}: "
