@@ -135,17 +135,19 @@ def _memprobe_section(path: Path, d: dict[str, Any]) -> list[str]:
     rows = d.get("rows", [])
     if rows:
         lines += [
-            "| preset, variant | measured at (volumes × patch) | kept after forward | peak "
+            "| preset, variant | measured at (volumes × patch) | kept after forward | peak | constant part of the peak "
             "| estimated peak at 112×112×80 |",
-            "| --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
     for r in rows:
         variant = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r["overrides"].items()) or "as preset"
         patches = " and ".join("×".join(map(str, patch)) for patch in r.get("patches", [r["patch"]]))
+        constant = r.get("constant_peak_bytes")
         lines.append(
             f"| `{r['preset']}`, {variant} | {r['batch']} × {patches} "
             f"| {r['saved_bytes_per_voxel'] / 1000:.1f} kB / voxel | {r['peak_bytes_per_voxel'] / 1000:.1f} kB / voxel "
-            f"| ≈ {r['estimated_peak_gib']:.0f} GiB ({r['batch']} volumes) |"
+            f"| {'—' if constant is None else f'{constant / 1e9:.1f} GB'} "
+            f"| ≈ {r['estimated_peak_gib']:.1f} GiB ({r['batch']} volumes) |"
         )
     return lines + [""] + _breakdown_table(rows)
 

@@ -51,14 +51,15 @@ def test_run_bench_cpu_tiny(tmp_path):
 
 def test_memprobe_tool_reports_less_activation_memory_with_checkpointing(tmp_path):
     out = tmp_path / "mem.json"
-    cmd = [sys.executable, str(ROOT / "tools" / "memprobe.py"), "--preset", "tiny", "--patch", "32", "32", "32",
+    cmd = [sys.executable, str(ROOT / "tools" / "memprobe.py"), "--preset", "tiny", "--patch", "32", "32", "16",
            "--set", "model.checkpoint_activations=false", "--set", "model.checkpoint_activations=true", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     rows = json.loads(out.read_text())["rows"]
     plain, ckpt = (r["saved_bytes_per_voxel"] for r in rows)
     assert [r["overrides"] for r in rows] == [{"model.checkpoint_activations": v} for v in (False, True)]
     assert 0 < ckpt < 0.5 * plain
-    assert all(r["estimated_peak_gib"] > 0 and r["batch"] == 8 for r in rows)
+    assert all(r["estimated_peak_gib"] > 0 and r["batch"] == 8 and r["patches"] == [[32, 32, 16], [32, 32, 32]]
+               for r in rows)
     for r in rows:  # the breakdown by part adds up to the total
         by_part = r["saved_bytes_per_voxel_by_part"]
         assert abs(sum(by_part.values()) - r["saved_bytes_per_voxel"]) < 1e-6 * r["saved_bytes_per_voxel"]
@@ -86,7 +87,8 @@ def test_perf_report_renders_bench_and_memory_files(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| tiny, with checkpointing |"))
     assert f"| {bench['presets']['tiny, with checkpointing']['ms_per_step']:.1f} (1) |" in row
     assert "**NVIDIA T4**" in text and "out of memory: x" in text and "No GPU benchmark" not in text
-    assert text.count("kB / voxel") == 4 and "not a GPU measurement" in text
+    probe_rows = json.loads((tmp_path / "memprobe_cpu.json").read_text())["rows"]
+    assert text.count("kB / voxel") == 2 * len(probe_rows) and "not a GPU measurement" in text
     assert "| predictor |" in text and "| other parts |" in text  # the breakdown table
     assert "Profile of one step of `paper` (`torch.profiler`, self CUDA time" in text  # the profile tables
     assert "| 6.00 | 60.0 | 2 | `aten::cudnn_batch_norm_backward` | `[[1, 1, 128450560], []]` |" in text
