@@ -39,11 +39,12 @@
 # Choose a GPU runtime (Runtime → Change runtime type), run the first code cell (it installs the
 # package), download the data in a new cell with `!python -m dkuxnet data download --dest data/LA`,
 # and set `profile = "colab"` and `data_dir = "data/LA"` in the parameters cell. The `colab` profile is
-# the `paper` profile with one labeled + one unlabeled volume per view instead of two + two (and
-# activation checkpointing, the default), so that a training step fits a 16 GB card such as Colab's T4;
-# the book's Performance page gives its estimated peak memory. Halving the batch is a different
-# experiment from the paper's: fewer volumes per step and a single negative volume per anchor in the
-# two NT-Xent terms may cost Dice. We have not measured how much; the run's label says `colab profile`.
+# the `paper` profile with one labeled + one unlabeled volume per view instead of two + two, activation
+# checkpointing (the default) and $\mathcal{L}_{qdc}$ on sampled voxels instead of whole volumes, so that
+# a training step fits a 16 GB card (estimated peak about 12.6 GiB; the book's Performance page). It is a
+# different experiment from the paper's: fewer volumes per step, a single negative volume per anchor in
+# $\mathcal{L}_{segc}$ and a voxel-level $\mathcal{L}_{qdc}$ may cost Dice. We have not measured how much;
+# the run's label says `colab profile`. Prefer an L4 or A100 runtime: the T4 has no native bf16.
 # The full schedule takes many hours on such a card: training resumes from `last.pt` after a
 # disconnection (`resume = True`).
 
