@@ -36,9 +36,12 @@ backward the blocks on the two finest grids: enc1, enc2, dec1, dec0, the kMaX la
 scale, and the final predictor as two segments (pixel path; fp32 affinity). The predictor alone is not
 enough: recomputed first in backward, while everything else is still held, it would only move the peak.
 Measured with ``tools/memprobe.py`` (CPU proxy, bf16 autocast, ``results/perf/memprobe_cpu.json``), the
-``paper`` step at 2 views × 4 volumes of 112×112×80 keeps ≈ 10.7 kB per voxel without and ≈ 3.6 kB with
-it; the estimated peak falls from ≈ 97 to ≈ 45 GiB. Gradients and BatchNorm statistics are identical
-(tests). There are no host syncs in ``forward`` (no ``.item()``, no branching on tensor values).
+``paper`` step at 2 views × 4 volumes of 112×112×80 keeps ≈ 9.4 kB per voxel without and ≈ 3.1 kB with
+it; the estimated peak falls from ≈ 80 to ≈ 53 GiB (an upper estimate). The peak is the recompute of the
+predictor's 256-channel full-resolution pixel path in backward. Under checkpointing the kMaX layers reuse
+the forward's hard assignment (:func:`~dkuxnet.models.blocks.replayed`), so gradients and BatchNorm
+statistics are identical to the un-checkpointed step (tests). There are no host syncs in ``forward`` (no
+``.item()``, no branching on tensor values).
 """
 
 from __future__ import annotations
