@@ -178,13 +178,33 @@ def _breakdown_table(rows: list[dict[str, Any]], top: int = 12) -> list[str]:
     return lines + [""]
 
 
+def _traffic_section(path: Path, d: dict[str, Any]) -> list[str]:
+    """One row per counted commit: total, full-resolution and per-phase eager bytes of the step."""
+    lines = [
+        f"**Counted on the meta device** ({_md(d.get('method', ''), 200)}; file `{path.name}`): "
+        "not a GPU measurement; bf16 tensors are counted at fp32 size.",
+        "",
+        "| commit | preset, batch × patch | total GB | on full-resolution tensors | forward | loss | backward |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in d.get("rows", []):
+        phases = r.get("by_phase_gb", {})
+        lines.append(
+            f"| `{str(r.get('commit'))[:12]}` | `{r['preset']}`, {r['batch']} × {'×'.join(map(str, r['patch']))} "
+            f"| {r['total_gb']:.0f} | {r['full_resolution_gb']:.0f} | {phases.get('forward', 0):.0f} "
+            f"| {phases.get('loss', 0):.0f} | {phases.get('backward', 0):.0f} |"
+        )
+    return lines + [""]
+
+
 def perf_report(folder: Path) -> str:
     """Markdown for the book's performance page from the committed files of ``folder`` (``results/perf``).
 
     ``bench_*.json`` (:func:`dkuxnet.bench.run_bench` output, one per card): a table per file, its card,
     software versions, budget, commit and date in the caption, and the profile when the file has one.
-    ``memprobe*.json`` (``tools/memprobe.py``): the CPU estimate of activation memory. Without a bench
-    file the text says that no GPU benchmark is committed.
+    ``memprobe*.json`` (``tools/memprobe.py``): the CPU estimate of activation memory. ``traffic*.json``
+    (``tools/traffic.py``): the step's memory traffic counted on the meta device, a row per commit.
+    Without a bench file the text says that no GPU benchmark is committed.
     """
     folder = Path(folder)
     benches = sorted(folder.glob("bench_*.json"))
@@ -198,4 +218,9 @@ def perf_report(folder: Path) -> str:
         lines += ["### Activation memory, estimated on the CPU", ""]
         for path in probes:
             lines += _memprobe_section(path, json.loads(path.read_text(encoding="utf-8")))
+    traffic = sorted(folder.glob("traffic*.json"))
+    if traffic:
+        lines += ["### Memory traffic of a training step, counted without a GPU", ""]
+        for path in traffic:
+            lines += _traffic_section(path, json.loads(path.read_text(encoding="utf-8")))
     return "\n".join(lines)

@@ -37,3 +37,13 @@ def test_tiny_step(tmp_path):
     assert len(rows) == 2 and rows[0]["batch"] == 8 and rows[0]["patch"] == [32, 32, 32]
     assert rows[1]["total_gb"] > rows[0]["total_gb"] > rows[0]["full_resolution_gb"] > 0  # recompute moves more
     assert set(rows[0]["by_phase_gb"]) == {"forward", "loss", "backward"}
+
+
+def test_perf_report_renders_traffic_rows(tmp_path):
+    from dkuxnet.perfreport import perf_report
+
+    row = {"commit": "abcdef1234567890", "preset": "paper", "batch": 8, "patch": [112, 112, 80], "total_gb": 1237.9,
+           "full_resolution_gb": 1002.6, "by_phase_gb": {"forward": 302.4, "loss": 25.8, "backward": 909.7}}
+    (tmp_path / "traffic_meta.json").write_text(json.dumps({"method": "m", "rows": [row]}))
+    text = perf_report(tmp_path)
+    assert "| `abcdef123456` | `paper`, 8 × 112×112×80 | 1238 | 1003 | 302 | 26 | 910 |" in text
