@@ -1,0 +1,311 @@
+"""Every block of ``dkuxnet.models`` against an independent float64 re-statement of its formula.
+
+The references read the weights through ``state_dict()`` only and compute each block from its
+definition (``dkuxnet.models`` module docstrings): BatchNorm from batch statistics (biased variance) in
+training and from running statistics in eval, channel LayerNorm from mean and variance, attention with
+einsum and an explicit per-head loop, the k-means update with a dense one-hot, the encoder as a
+straight-line stage order. Weights are random (BatchNorm γ included), so no branch is hidden by a
+zero-initialised scale. Convolutions with a spatial kernel use ``F.conv3d`` on the given weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dkuxnet.config import ModelConfig
+from dkuxnet.models import DKUXNet
+from dkuxnet.models.kmax import AssignmentHead, KMaXLayer, QueryAttention
+from dkuxnet.models.uxnet import UXBlock, UXNetEncoder
+
+BN_EPS, BN_MOMENTUM, LN_EPS = 1e-3, 0.01, 1e-6  # kMaX BatchNorm (PyTorch momentum), UX-Net LayerNorm
+RTOL, ATOL = 1e-10, 1e-12
+CFG = ModelConfig(
+    widths=(4, 8, 16, 32), hidden=32, num_queries=12, query_dim=16, embed_dim=8, num_heads=2, ffn_dim=32,
+    query_groups=(3, 4, 5), mlp_hidden=8, kmax_scales=3, checkpoint_activations=False,
+)
+SHAPE = (32, 16, 16)
+
+State = dict[str, torch.Tensor]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randomise(module: nn.Module, seed: int) -> nn.Module:
+    """float64; every parameter N(0, 1 / fan-in), BatchNorm running means N(0, 1) and variances U(0.5, 2)."""
+    module.double()
+    gen = _gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / math.sqrt(fan_in))
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=b.dtype))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + 1.5 * torch.rand(b.shape, generator=gen, dtype=b.dtype))
+    return module
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == torch.float64
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def _sub(state: State, prefix: str) -> State:
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU(x) = x · Φ(x) = ½ x (1 + erf(x / √2))."""
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """exp(x_i − max x) / Σ_j exp(x_j − max x) along ``dim``."""
+    e = (x - x.amax(dim, keepdim=True)).exp()
+    return e / e.sum(dim, keepdim=True)
+
+
+def batch_norm(x: torch.Tensor, s: State, training: bool) -> torch.Tensor:
+    """γ (x − μ) / √(σ² + ε) + β per channel (axis 1); μ, σ² biased batch moments in training, running in eval."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    if training:
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean = x.mean(dims, keepdim=True)
+        var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    else:
+        mean, var = s["running_mean"].view(view), s["running_var"].view(view)
+    return s["weight"].view(view) * (x - mean) / torch.sqrt(var + BN_EPS) + s["bias"].view(view)
+
+
+def layer_norm_channels(x: torch.Tensor, s: State) -> torch.Tensor:
+    """γ (x − μ_C) / √(σ²_C + ε) + β with μ_C, σ²_C the biased moments over the channel axis 1."""
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)
+    view = (1, -1, 1, 1, 1)
+    return s["weight"].view(view) * (x - mean) / torch.sqrt(var + LN_EPS) + s["bias"].view(view)
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense 1×1 conv Σ_i W[o, i] x[b, i, …] + b[o] on B×C×… (1-D queries or 3-D pixels)."""
+    out = torch.einsum("oi,bi...->bo...", weight.reshape(weight.shape[0], -1), x)
+    return out if bias is None else out + bias.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def conv_bn(x: torch.Tensor, s: State, training: bool, act: bool, depthwise5: bool = False) -> torch.Tensor:
+    """kMaX ConvBN: [GELU](BN(conv(x))), conv 1×1 (dense) or depthwise 5³ with padding 2."""
+    if depthwise5:
+        y = F.conv3d(x, s["conv.weight"], s.get("conv.bias"), padding=2, groups=x.shape[1])
+    else:
+        y = pointwise(x, s["conv.weight"], s.get("conv.bias"))
+    y = batch_norm(y, _sub(s, "norm"), training)
+    return gelu(y) if act else y
+
+
+def affinity_raw(pixels: torch.Tensor, queries: torch.Tensor, s: State, training: bool) -> torch.Tensor:
+    """Qcᵀ · Kp / ‖Kp‖ (B×N×X×Y×Z): Kp = pixel_out(GELU pixel_conv(GELU dw5³(pixels))), Qc = query_out(queries)."""
+    kp = conv_bn(pixels, _sub(s, "pixel_dw"), training, act=True, depthwise5=True)
+    kp = conv_bn(kp, _sub(s, "pixel_conv"), training, act=True)
+    kp = conv_bn(kp, _sub(s, "pixel_out"), training, act=False)
+    kp = kp / kp.norm(dim=1, keepdim=True).clamp_min(1e-12)  # unit vector per voxel
+    qc = conv_bn(queries, _sub(s, "query_out"), training, act=False)  # B×E×N
+    return torch.einsum("ben,bexyz->bnxyz", qc, kp)
+
+
+def assignment_ref(pixels: torch.Tensor, queries: torch.Tensor, s: State, training: bool) -> torch.Tensor:
+    """M = BN₁(Qcᵀ · L2norm(Kp)) with one BN channel over all B·N·V entries."""
+    m = affinity_raw(pixels, queries, s, training)
+    return batch_norm(m.reshape(m.shape[0], 1, -1), _sub(s, "affinity_norm"), training).reshape(m.shape)
+
+
+def attention_ref(u: torch.Tensor, s: State, heads: int, key_dim: int, training: bool) -> torch.Tensor:
+    """Per head h: A_h = softmax_keys(BN2d(q_hᵀ k_h)) (no 1/√d), o_h = v_h A_hᵀ; out = proj(GELU(BN(concat o_h)))."""
+    b, c, n = u.shape
+    qkv = conv_bn(u, _sub(s, "qkv"), training, act=False)
+    q, k, v = qkv[:, :key_dim], qkv[:, key_dim:2 * key_dim], qkv[:, 2 * key_dim:]
+    dk, dv = key_dim // heads, c // heads
+    logits = torch.stack(
+        [torch.einsum("bdl,bdm->blm", q[:, h * dk:(h + 1) * dk], k[:, h * dk:(h + 1) * dk]) for h in range(heads)], 1
+    )  # B×h×N(queries l)×N(keys m)
+    logits = batch_norm(logits, _sub(s, "logit_norm"), training)
+    weights = softmax(logits, dim=3)  # Σ over keys m is 1
+    out = torch.cat(
+        [torch.einsum("blm,bdm->bdl", weights[:, h], v[:, h * dv:(h + 1) * dv]) for h in range(heads)], 1
+    )  # B×C×N
+    out = gelu(batch_norm(out, _sub(s, "value_norm"), training))
+    return conv_bn(out, _sub(s, "proj"), training, act=False)
+
+
+def kmeans_ref(values: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """R = Vp · Aᵀ with A the dense one-hot of argmax_N M: R[b, c, n] = Σ_v [argmax_n' M[b, n', v] = n] Vp[b, c, v]."""
+    b, n = m.shape[:2]
+    flat = m.reshape(b, n, -1)
+    one_hot = (flat == flat.amax(dim=1, keepdim=True)).double()  # B×N×V (no ties for random weights)
+    assert torch.equal(one_hot.sum(1), torch.ones_like(one_hot[:, 0]))
+    return torch.einsum("bnv,bcv->bcn", one_hot, values.reshape(b, values.shape[1], -1))
+
+
+def kmax_layer_ref(
+    pixels: torch.Tensor, z: torch.Tensor, s: State, cfg: ModelConfig, training: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """method.md §3.3: Xp, Vp, U; M; R = BN(k-means update); z += proj(R); z = GELU(z + attn(U)); z = GELU(z + FFN(z))."""
+    xp = conv_bn(gelu(pixels), _sub(s, "pixel_conv"), training, act=True)
+    vp = conv_bn(xp, _sub(s, "pixel_value"), training, act=False)
+    u = conv_bn(z, _sub(s, "query_conv"), training, act=True)
+    m = assignment_ref(xp, u, _sub(s, "head"), training)
+    r = batch_norm(kmeans_ref(vp, m), _sub(s, "kmeans_norm"), training)
+    z = z + conv_bn(r, _sub(s, "kmeans_proj"), training, act=False)
+    z = gelu(z + attention_ref(u, _sub(s, "attention"), cfg.num_heads, cfg.embed_dim, training))
+    ffn = conv_bn(conv_bn(z, _sub(s, "ffn1"), training, act=True), _sub(s, "ffn2"), training, act=False)
+    return gelu(z + ffn), m
+
+
+def ux_block_ref(x: torch.Tensor, s: State) -> torch.Tensor:
+    """x + γ ⊙ pw2(GELU(pw1(LN(dw7³(x))))) with pw1 (C→4C) and pw2 (4C→C) grouped per channel."""
+    c = x.shape[1]
+    y = F.conv3d(x, s["dwconv.weight"], s["dwconv.bias"], padding=3, groups=c)
+    y = layer_norm_channels(y, _sub(s, "norm"))
+    w1 = s["pwconv1.weight"].reshape(c, 4)  # hidden channel 4i + j reads input channel i only
+    y = torch.einsum("ij,bixyz->bijxyz", w1, y).reshape(y.shape[0], 4 * c, *y.shape[2:])
+    y = gelu(y + s["pwconv1.bias"].view(1, -1, 1, 1, 1))
+    w2 = s["pwconv2.weight"].reshape(c, 4)  # output channel i reads hidden channels 4i … 4i+3
+    y = torch.einsum("ij,bijxyz->bixyz", w2, y.reshape(y.shape[0], c, 4, *y.shape[2:]))
+    y = y + s["pwconv2.bias"].view(1, -1, 1, 1, 1)
+    return x + s["gamma"].view(1, -1, 1, 1, 1) * y
+
+
+def encoder_ref(x: torch.Tensor, s: State, depths: tuple[int, ...]) -> list[torch.Tensor]:
+    """Stem conv k7 s2 p3 → LN; stage i ≥ 1 starts with LN → conv k2 s2 on the **un-normalised** stage i−1 features."""
+    h = F.conv3d(x, s["downsample.0.0.weight"], s["downsample.0.0.bias"], stride=2, padding=3)
+    h = layer_norm_channels(h, _sub(s, "downsample.0.1"))
+    outs = []
+    for i, depth in enumerate(depths):
+        if i:
+            h = layer_norm_channels(h, _sub(s, f"downsample.{i}.0"))
+            h = F.conv3d(h, s[f"downsample.{i}.1.weight"], s[f"downsample.{i}.1.bias"], stride=2)
+        for j in range(depth):
+            h = ux_block_ref(h, _sub(s, f"stages.{i}.{j}"))
+        outs.append(layer_norm_channels(h, _sub(s, f"norms.{i}")))
+    return outs
+
+
+def heads_ref(dec0: torch.Tensor, z: torch.Tensor, s: State, cfg: ModelConfig, training: bool) -> dict[str, torch.Tensor]:
+    """L = predictor(dec0, mask_embed(z)); S = softmax_N(L); Φ = MLP(flatten z) (B×N×K); Y = Σ_n Φ[n]·S[n]; O[g] = Σ_{n∈g} S[n]."""
+    b, n, k = z.shape[0], cfg.num_queries, cfg.num_classes
+    logits = assignment_ref(dec0, conv_bn(z, _sub(s, "mask_embed"), training, act=True), _sub(s, "predictor"), training)
+    probs = softmax(logits, dim=1)
+    hidden = torch.relu(z.reshape(b, -1) @ s["mlp.0.weight"].T + s["mlp.0.bias"])  # z flattened channel-major
+    phi = (hidden @ s["mlp.2.weight"].T + s["mlp.2.bias"]).reshape(b, n, k)
+    seg = torch.zeros(b, k, *probs.shape[2:], dtype=probs.dtype)
+    for q in range(n):
+        seg += phi[:, q, :, None, None, None] * probs[:, q, None]
+    bounds = [0]
+    for size in cfg.query_groups:
+        bounds.append(bounds[-1] + size)
+    clusters = torch.stack([probs[:, lo:hi].sum(1) for lo, hi in zip(bounds[:-1], bounds[1:])], 1)
+    return {"query_logits": logits, "query_probs": probs, "seg_logits": seg, "cluster_probs": clusters}
+
+
+def _x(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=_gen(seed), dtype=torch.float64)
+
+
+def test_ux_block_equals_formula():
+    """UXBlock: x + γ ⊙ pw2(GELU(pw1(LN(dw7³(x))))), pointwise convs grouped per channel (no channel mixing)."""
+    block = _randomise(UXBlock(3), seed=0)
+    x = _x((2, 3, 6, 5, 4), seed=1)
+    _close(block(x), ux_block_ref(x, block.state_dict()))
+
+
+def test_uxnet_encoder_equals_straight_line_stage_order():
+    """UXNetEncoder: stage i+1 continues from the un-normalised stage-i features; only the returned maps are normed."""
+    widths, depths = (4, 8, 16), (1, 2, 1)
+    encoder = _randomise(UXNetEncoder(1, widths, depths), seed=2)
+    x = _x((2, 1, 16, 16, 8), seed=3)
+    outs = encoder(x)
+    expected = encoder_ref(x, encoder.state_dict(), depths)
+    assert len(outs) == len(expected) == 3
+    for out, ref in zip(outs, expected):
+        _close(out, ref)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_query_attention_equals_per_head_einsum(training):
+    """QueryAttention: per-head qᵀk logits (no 1/√d), BN over heads, softmax over keys, v·attnᵀ, BN, GELU, proj."""
+    attention = _randomise(QueryAttention(16, 8, 2), seed=4).train(training)
+    state = {k: v.clone() for k, v in attention.state_dict().items()}
+    u = _x((3, 16, 7), seed=5)
+    _close(attention(u), attention_ref(u, state, heads=2, key_dim=8, training=training))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_assignment_head_equals_formula(training):
+    """AssignmentHead (per-layer head and final predictor): M = BN₁(Qcᵀ · L2norm(Kp)), one BN channel over B·N·V."""
+    head = _randomise(AssignmentHead(4, 16, 8), seed=6).train(training)
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    pixels, queries = _x((2, 4, 6, 5, 4), seed=7), _x((2, 16, 12), seed=8)
+    _close(head(pixels, queries), assignment_ref(pixels, queries, state, training))
+
+
+def test_affinity_norm_running_statistics_follow_the_momentum_rule():
+    """Affinity BN in training: running ← (1 − 0.01)·running + 0.01·batch over all B·N·V entries, variance unbiased."""
+    head = _randomise(AssignmentHead(4, 16, 8), seed=9).train()
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    pixels, queries = _x((2, 4, 6, 5, 4), seed=10), _x((2, 16, 12), seed=11)
+    head(pixels, queries)
+    raw = affinity_raw(pixels, queries, before, training=True)
+    after = head.state_dict()
+    expected_mean = (1 - BN_MOMENTUM) * before["affinity_norm.running_mean"] + BN_MOMENTUM * raw.mean()
+    expected_var = (1 - BN_MOMENTUM) * before["affinity_norm.running_var"] + BN_MOMENTUM * raw.var(correction=1)
+    _close(after["affinity_norm.running_mean"], expected_mean)
+    _close(after["affinity_norm.running_var"], expected_var)
+    assert after["affinity_norm.num_batches_tracked"].item() == before["affinity_norm.num_batches_tracked"].item() + 1
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_kmax_layer_equals_formula(training):
+    """KMaXLayer: hard k-means update (dense one-hot) + self-attention + FFN, and its affinity M, as method.md §3.3."""
+    layer = _randomise(KMaXLayer(8, CFG.query_dim, CFG.embed_dim, CFG.num_heads, CFG.ffn_dim), seed=12).train(training)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    pixels, z = _x((2, 8, 6, 5, 4), seed=13), _x((2, CFG.query_dim, CFG.num_queries), seed=14)
+    z_new, m = layer(pixels, z)
+    z_ref, m_ref = kmax_layer_ref(pixels, z, state, CFG, training)
+    _close(m, m_ref)
+    _close(z_new, z_ref)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_dkuxnet_forward_equals_reference_chain(training):
+    """DKUXNet: encoder, conv decoders (blocks checked against MONAI elsewhere), kMaX layers coarse to fine from the
+    learned centres, then the predictor, Y = Σ_n Φ[n]·S[n] and the group merge O[g] = Σ_{n∈g} S[n]."""
+    torch.manual_seed(0)
+    model = _randomise(DKUXNet(CFG), seed=15).train(training)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = {k: v for k, v in model.named_children() if k in ("encoders", "decoders")}
+    x = _x((2, 1, *SHAPE), seed=16)
+    out = model(x)
+    with torch.no_grad():  # the residual conv blocks run again (instance norm: no running state to disturb)
+        feats = encoder_ref(x, _sub(state, "encoder"), CFG.depths)
+        skips = [blocks["encoders"][0](x)] + [enc(f) for enc, f in zip(blocks["encoders"][1:-1], feats[:-1])]
+        h = blocks["encoders"][-1](feats[-1])
+        decoded = []
+        for i, dec in enumerate(blocks["decoders"]):
+            h = dec(h, skips[-1 - i])
+            decoded.append(h)
+    z = state["cluster_centers"].unsqueeze(0).expand(2, -1, -1)
+    aux = []
+    for i in range(len(model.kmax)):
+        z, m = kmax_layer_ref(decoded[i // CFG.kmax_layers_per_scale], z, _sub(state, f"kmax.{i}"), CFG, training)
+        aux.append(m)
+    assert len(out.aux) == len(aux) == 6
+    for got, ref in zip(out.aux, aux):
+        _close(got, ref)
+    for name, ref in heads_ref(decoded[-1], z, state, CFG, training).items():
+        _close(getattr(out, name), ref)
