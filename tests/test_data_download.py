@@ -95,6 +95,21 @@ def test_subset_download_is_byte_identical_and_skipped_when_present(server, la_r
     assert server.log == []
 
 
+def test_corrupted_file_at_its_final_name_is_fetched_again(server, la_root, tmp_path):
+    """A file already present under its final name is trusted only when its SHA-256 matches: same size, one byte
+    flipped -> fetched again (one full request), then byte-identical; the intact files are not requested."""
+    download_la(tmp_path, server.url, cases=[CASE], **FAST)
+    for rel in (REL, "train.list"):
+        data = bytearray((tmp_path / rel).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (tmp_path / rel).write_bytes(bytes(data))
+    server.log.clear()
+    download_la(tmp_path, server.url, cases=[CASE], **FAST)
+    assert sorted(server.log) == [(REL, None), ("train.list", None)]
+    for rel in (REL, "train.list"):
+        assert (tmp_path / rel).read_bytes() == (la_root / rel).read_bytes(), rel
+
+
 def test_truncated_body_is_retried_and_resumed_with_range(server, la_root, tmp_path):
     server.faults[REL] = ["truncate"]
     download_la(tmp_path, server.url, cases=[CASE], **FAST)
