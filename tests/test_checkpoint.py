@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -63,6 +64,26 @@ def test_unloadable_values_are_refused_and_keep_previous_file(saved, tiny):
     model, cfg = tiny
     with pytest.raises(ValueError, match="ndarray"):
         save_checkpoint(saved, checkpoint_state(model, cfg, 9, rng={"numpy": np.zeros(3)}))
+    assert load_checkpoint(saved)["iteration"] == 7
+    assert sorted(os.listdir(saved.parent)) == ["last.pt"]
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(saved, tiny, monkeypatch):
+    """``torch.save`` dying halfway (half the bytes written, then an error) leaves the previous ``last.pt`` loadable,
+    nothing partial under the final name and no temporary file."""
+    model, cfg = tiny
+    real_save = torch.save
+
+    def crash_halfway(obj, f, *args, **kwargs) -> None:
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        Path(f).write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(OSError, match="no space"):
+        save_checkpoint(saved, checkpoint_state(model, cfg, 8))
+    monkeypatch.undo()
     assert load_checkpoint(saved)["iteration"] == 7
     assert sorted(os.listdir(saved.parent)) == ["last.pt"]
 
