@@ -118,6 +118,32 @@ def test_validation_catches_inconsistencies(evaluated):
             validate_result(bad)
 
 
+@pytest.mark.parametrize(("iterations", "schedule"), [
+    (10, "full"),  # 10 < the tiny preset's 40
+    (10, "shortened: 5 of 40 iterations"),
+    (10, "shortened: 10 of 50 iterations"),  # M is the preset's schedule
+    (10, "shortened: 10 of 40 iteration"),
+    (10, "shortened: 10 of 40 iterations "),
+    (10, "Full"),
+    (40, "shortened: 40 of 40 iterations"),
+    (50, "shortened: 50 of 40 iterations"),
+])
+def test_validation_rejects_every_inconsistent_schedule(evaluated, iterations, schedule):
+    """'schedule' must equal schedule_label(iterations, preset): "full" iff iterations ≥ the preset's M, else
+    exactly "shortened: N of M iterations" with N = iterations."""
+    bad = {**_result(evaluated), "iterations": iterations, "schedule": schedule}
+    with pytest.raises(ValueError, match="schedule"):
+        validate_result(bad)
+
+
+@pytest.mark.parametrize(("iterations", "schedule"), [
+    (10, "shortened: 10 of 40 iterations"), (39, "shortened: 39 of 40 iterations"), (40, "full"), (50, "full"),
+])
+def test_validation_accepts_the_consistent_schedules(evaluated, iterations, schedule):
+    """The labels schedule_label writes for the tiny preset (M = 40) validate."""
+    validate_result({**_result(evaluated), "iterations": iterations, "schedule": schedule})
+
+
 def test_build_result_needs_wall_time(evaluated):
     summary = {**evaluated["fast"], "provenance": {}}
     with pytest.raises(ValueError, match="wall_time_s"):
