@@ -10,12 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import ndimage
 
-from dkuxnet.checkpoint import checkpoint_state, save_checkpoint
+from dkuxnet.checkpoint import checkpoint_state, load_model, save_checkpoint
 from dkuxnet.config import get_preset
 from dkuxnet.data.la import read_case, read_list
 from dkuxnet.data.phantom import make_phantom
 from dkuxnet.evaluate import evaluate_checkpoint
+from dkuxnet.inference import predict_fast, predict_protocol
 from dkuxnet.metrics import case_metrics
 from dkuxnet.models import create_model
 from dkuxnet.results import (
@@ -39,7 +41,12 @@ def setup(tmp_path_factory):
     cfg = get_preset("tiny").override(**{"data.labeled_num": 2, "train.max_iterations": 10})
     ckpt = root / "last.pt"
     prov = {"commit": "0123abc", "device": "test-cpu", "torch": torch.__version__, "wall_s": 3.5}  # as train.py writes
-    save_checkpoint(ckpt, checkpoint_state(create_model(cfg), cfg, 10, provenance=prov))
+    model = create_model(cfg)
+    with torch.no_grad():  # sharp query assignments, half the queries voting foreground: a non-empty, partial mask
+        model.predictor.affinity_norm.weight.fill_(5.0)
+        model.mlp[2].weight.zero_()
+        model.mlp[2].bias.copy_(torch.tensor([[3.0, -3.0], [-3.0, 3.0]]).repeat(cfg.model.num_queries // 2, 1).ravel())
+    save_checkpoint(ckpt, checkpoint_state(model, cfg, 10, provenance=prov))
     return root, data, ckpt, cfg
 
 
@@ -51,8 +58,27 @@ def evaluated(setup):
             for mode in ("fast", "protocol")}
 
 
+def _reference_mask(ckpt, image: np.ndarray, mode: str) -> np.ndarray:
+    """argmax_K ≠ 0 of the checkpoint's probabilities: protocol grid stride (18, 18, 4), or MONAI Gaussian overlap 0.5."""
+    model, cfg = load_model(ckpt, "cpu")
+    patch = tuple(cfg.data.patch_size)
+    if mode == "protocol":
+        prob = predict_protocol(model, image, patch, (18, 18, 4))
+    else:
+        prob = predict_fast(model, image, patch, overlap=0.5, mode="gaussian")
+    return (prob.argmax(0) != 0).numpy()
+
+
+def _largest_26_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes)) if n else mask
+
+
 @pytest.mark.parametrize("mode", ["fast", "protocol"])
 def test_evaluate_checkpoint_writes_outputs(setup, evaluated, mode):
+    """per_case.csv, summary.json and the saved mask agree with the checkpoint's own prediction recomputed through
+    the inference and metric functions (LCC: 26-connected largest component); provenance is carried over."""
     root, data, ckpt, cfg = setup
     summary = evaluated[mode]
     out = root / mode
@@ -67,11 +93,18 @@ def test_evaluate_checkpoint_writes_outputs(setup, evaluated, mode):
     assert on_disk["window"]["patch"] == list(cfg.data.patch_size)
     assert on_disk["provenance"]["commit"] == "0123abc" and on_disk["labeled_num"] == 2
     assert on_disk["torch_version"] == torch.__version__ and on_disk["date"] and on_disk["device"].startswith("cpu")
-    assert on_disk["metrics"]["dice"]["mean"] == pytest.approx(df["dice"].mean())
+    image, label = read_case(data, ids[0])
+    mask = _reference_mask(ckpt, image, mode)
     pred = np.load(out / "predictions" / f"{ids[0]}.npz")["pred"]
-    _, label = read_case(data, ids[0])
-    assert pred.dtype == np.uint8 and pred.shape == label.shape
-    assert case_metrics(pred, label)["dice"] == pytest.approx(df["dice"].iloc[0])
+    assert pred.dtype == np.uint8 and np.array_equal(pred, mask)
+    variants = {"": mask, "_lcc": _largest_26_component(mask)} if mode == "protocol" else {"": mask}
+    for suffix, variant in variants.items():
+        expected = case_metrics(variant, label)
+        assert not expected["failed"]
+        block = on_disk["lcc"] if suffix else on_disk
+        for name in ("dice", "jaccard", "hd95", "asd"):
+            assert df[name + suffix].iloc[0] == pytest.approx(expected[name], rel=1e-6), name + suffix
+            assert block["metrics"][name] == {"mean": pytest.approx(expected[name], rel=1e-6), "std": 0.0}
 
 
 def test_evaluate_rejects_unknown_mode(setup):
