@@ -19,7 +19,7 @@ from torch import nn
 
 from dkuxnet.config import ModelConfig
 from dkuxnet.models import DKUXNet
-from dkuxnet.models.kmax import AssignmentHead, KMaXLayer, QueryAttention
+from dkuxnet.models.kmax import AssignmentHead, KMaXLayer, QueryAttention, hard_assignment, kmeans_update
 from dkuxnet.models.uxnet import UXBlock, UXNetEncoder
 
 BN_EPS, BN_MOMENTUM, LN_EPS = 1e-3, 0.01, 1e-6  # kMaX BatchNorm (PyTorch momentum), UX-Net LayerNorm
@@ -267,6 +267,26 @@ def test_affinity_norm_running_statistics_follow_the_momentum_rule():
     _close(after["affinity_norm.running_mean"], expected_mean)
     _close(after["affinity_norm.running_var"], expected_var)
     assert after["affinity_norm.num_batches_tracked"].item() == before["affinity_norm.num_batches_tracked"].item() + 1
+
+
+def test_kmeans_update_and_hard_assignment_equal_explicit_loops():
+    """A[v] = argmax_n M[n, v] (lowest n on ties); R[b, c, n] = Σ_{v: A[b, v] = n} Vp[b, c, v], 0 for an empty query."""
+    m = _x((2, 5, 3, 4, 2), seed=20)
+    m[0, 3, 0, 0, 0] = m[0, 1, 0, 0, 0] = m[0, :, 0, 0, 0].max() + 1  # a tie: query 1 wins
+    m[:, 4] = -10.0  # query 4 never wins
+    values = _x((2, 3, 24), seed=21)
+    index = hard_assignment(m).flatten(1)
+    r = kmeans_update(values, index, 5)
+    expected = torch.zeros(2, 3, 5, dtype=torch.float64)
+    for b in range(2):
+        flat = m[b].reshape(5, -1)
+        for v in range(24):
+            best = max(range(5), key=lambda n: (flat[n, v].item(), -n))
+            assert index[b, v].item() == best
+            expected[b, :, best] += values[b, :, v]
+    assert index[0, 0].item() == 1
+    _close(r, expected)
+    assert torch.equal(r[:, :, 4], torch.zeros(2, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("training", [True, False])
