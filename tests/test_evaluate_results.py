@@ -59,7 +59,7 @@ def evaluated(setup):
 
 
 def _reference_mask(ckpt, image: np.ndarray, mode: str) -> np.ndarray:
-    """argmax_K ≠ 0 of the checkpoint's probabilities: protocol grid stride (18, 18, 4), or MONAI Gaussian overlap 0.5."""
+    """argmax_K ≠ 0 of the checkpoint's probabilities: UA-MT grid stride (18, 18, 4), or MONAI Gaussian, overlap 0.5."""
     model, cfg = load_model(ckpt, "cpu")
     patch = tuple(cfg.data.patch_size)
     if mode == "protocol":

@@ -155,7 +155,7 @@ def kmeans_ref(values: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def kmax_layer_ref(
     pixels: torch.Tensor, z: torch.Tensor, s: State, cfg: ModelConfig, training: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """method.md §3.3: Xp, Vp, U; M; R = BN(k-means update); z += proj(R); z = GELU(z + attn(U)); z = GELU(z + FFN(z))."""
+    """Xp, Vp, U; M; R = BN(k-means update); z += proj(R); z = GELU(z + attn(U)); z = GELU(z + FFN(z)); (z, M)."""
     xp = conv_bn(gelu(pixels), _sub(s, "pixel_conv"), training, act=True)
     vp = conv_bn(xp, _sub(s, "pixel_value"), training, act=False)
     u = conv_bn(z, _sub(s, "query_conv"), training, act=True)
@@ -196,8 +196,11 @@ def encoder_ref(x: torch.Tensor, s: State, depths: tuple[int, ...]) -> list[torc
     return outs
 
 
-def heads_ref(dec0: torch.Tensor, z: torch.Tensor, s: State, cfg: ModelConfig, training: bool) -> dict[str, torch.Tensor]:
-    """L = predictor(dec0, mask_embed(z)); S = softmax_N(L); Φ = MLP(flatten z) (B×N×K); Y = Σ_n Φ[n]·S[n]; O[g] = Σ_{n∈g} S[n]."""
+def heads_ref(
+    dec0: torch.Tensor, z: torch.Tensor, s: State, cfg: ModelConfig, training: bool
+) -> dict[str, torch.Tensor]:
+    """L = predictor(dec0, mask_embed(z)); S = softmax_N(L); Φ = MLP(flatten z) (B×N×K); Y = Σ_n Φ[n]·S[n];
+    O[g] = Σ_{n∈g} S[n]."""
     b, n, k = z.shape[0], cfg.num_queries, cfg.num_classes
     logits = assignment_ref(dec0, conv_bn(z, _sub(s, "mask_embed"), training, act=True), _sub(s, "predictor"), training)
     probs = softmax(logits, dim=1)
@@ -291,7 +294,7 @@ def test_kmeans_update_and_hard_assignment_equal_explicit_loops():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_kmax_layer_equals_formula(training):
-    """KMaXLayer: hard k-means update (dense one-hot) + self-attention + FFN, and its affinity M, as method.md §3.3."""
+    """KMaXLayer: hard k-means update (dense one-hot) + self-attention + FFN, and its affinity M."""
     layer = _randomise(KMaXLayer(8, CFG.query_dim, CFG.embed_dim, CFG.num_heads, CFG.ffn_dim), seed=12).train(training)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     pixels, z = _x((2, 8, 6, 5, 4), seed=13), _x((2, CFG.query_dim, CFG.num_queries), seed=14)
@@ -329,3 +332,49 @@ def test_dkuxnet_forward_equals_reference_chain(training):
         _close(got, ref)
     for name, ref in heads_ref(decoded[-1], z, state, CFG, training).items():
         _close(getattr(out, name), ref)
+
+
+TRUNC_STD = 0.8796  # standard deviation of N(0, 1) truncated at ±2
+
+
+def _assert_trunc_normal(w: torch.Tensor, sigma: float, name: str) -> None:
+    assert w.abs().max() <= 2 * sigma + 1e-7 and w.abs().max() > 1.5 * sigma, name
+    assert abs(w.std().item() / (TRUNC_STD * sigma) - 1) < 0.1, name
+
+
+def test_initialisation_follows_the_kmax_and_uxnet_recipes():
+    """Init (kmax.py / uxnet.py docstrings): 1×1 convs truncated normal (±2σ), σ = √(2 / C_in) unless noted
+    (qkv and pixel values C^-½, pixel keys 0.01 with zero bias), depthwise 5³ xavier-uniform; BatchNorm eps 1e-3,
+    momentum 0.01, γ = 1 except 0 on the residual branches and 0.1 on the affinity; centres N(0, 1) cut at ±2;
+    UX-block layer scale 1e-6."""
+    torch.manual_seed(0)
+    model = DKUXNet(ModelConfig(
+        widths=(4, 8, 16, 48), hidden=16, num_queries=32, query_dim=64, embed_dim=32, num_heads=2, ffn_dim=128,
+        query_groups=(8, 8, 16), mlp_hidden=8, kmax_scales=1, kmax_layers_per_scale=1, checkpoint_activations=False,
+    ))
+    state = model.state_dict()
+    sigmas = {
+        "kmax.0.pixel_conv": (2 / 48) ** 0.5, "kmax.0.pixel_value": 64**-0.5, "kmax.0.query_conv": (2 / 64) ** 0.5,
+        "kmax.0.head.pixel_conv": (2 / 64) ** 0.5, "kmax.0.head.pixel_out": 0.01,
+        "kmax.0.head.query_out": (2 / 64) ** 0.5, "kmax.0.kmeans_proj": (2 / 64) ** 0.5,
+        "kmax.0.attention.qkv": 64**-0.5, "kmax.0.attention.proj": (2 / 64) ** 0.5,
+        "kmax.0.ffn1": (2 / 64) ** 0.5, "kmax.0.ffn2": (2 / 128) ** 0.5, "mask_embed": (2 / 64) ** 0.5,
+        "predictor.pixel_conv": (2 / 4) ** 0.5, "predictor.pixel_out": 0.01, "predictor.query_out": (2 / 64) ** 0.5,
+    }
+    for prefix, sigma in sigmas.items():
+        _assert_trunc_normal(state[f"{prefix}.conv.weight"], sigma, prefix)
+    assert torch.equal(state["kmax.0.head.pixel_out.conv.bias"], torch.zeros(32))
+    dw = state["kmax.0.head.pixel_dw.conv.weight"]  # 64×1×5×5×5: fan_in 125, fan_out 64·125
+    bound = (6 / (125 + 64 * 125)) ** 0.5
+    assert dw.abs().max() <= bound and abs(dw.std().item() / (bound / 3**0.5) - 1) < 0.05
+    _assert_trunc_normal(state["cluster_centers"], 1.0, "cluster_centers")
+    zero_gamma = ("kmax.0.kmeans_proj.norm", "kmax.0.attention.proj.norm", "kmax.0.ffn2.norm")
+    norms = {name: m for name, m in model.named_modules() if hasattr(m, "running_var")}
+    assert len(norms) == len(sigmas) + 2 + 5  # + 2 depthwise ConvBNs; 2 affinity, k-means, logit and value norms
+    for name, norm in norms.items():
+        assert (norm.eps, norm.momentum) == (BN_EPS, BN_MOMENTUM), name
+        gamma = 0.0 if name in zero_gamma else 0.1 if name.endswith("affinity_norm") else 1.0
+        assert torch.equal(state[f"{name}.weight"], torch.full_like(state[f"{name}.weight"], gamma)), name
+        assert torch.equal(state[f"{name}.bias"], torch.zeros_like(state[f"{name}.bias"])), name
+    scales = [v for k, v in state.items() if k.startswith("encoder.stages.") and k.endswith(".gamma")]
+    assert len(scales) == 8 and all(torch.equal(g, torch.full_like(g, 1e-6)) for g in scales)
