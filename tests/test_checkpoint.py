@@ -45,6 +45,26 @@ def test_round_trip_and_load_model(saved, tiny):
         assert k == k2 and torch.equal(a, b)
 
 
+def test_training_state_round_trips_under_its_keys(tmp_path, tiny):
+    """checkpoint_state stores optimizer, rng and sampler under those keys; they load back equal."""
+    _, cfg = tiny
+    model = create_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(1, 1, 32, 16, 16)).seg_logits.sum().backward()
+    optimizer.step()
+    rng, sampler = {"torch": torch.get_rng_state()}, {"epoch": 3, "order": [2, 0, 1]}
+    path = tmp_path / "full.pt"
+    save_checkpoint(path, checkpoint_state(model, cfg, 5, optimizer=optimizer, rng=rng, sampler=sampler))
+    state = load_checkpoint(path)
+    assert set(state) == {"format", "config", "model", "iteration", "optimizer", "rng", "sampler"}
+    assert torch.equal(state["rng"]["torch"], rng["torch"]) and state["sampler"] == sampler
+    expected = optimizer.state_dict()
+    assert state["optimizer"]["param_groups"] == expected["param_groups"]
+    for p, entry in expected["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(state["optimizer"]["state"][p][k], v), (p, k)
+
+
 def test_str_subclasses_are_stored_as_plain_str(tmp_path, tiny):
     model, cfg = tiny
     path = tmp_path / "v.pt"
