@@ -135,6 +135,17 @@ def test_validate_case_counts_nan_and_inf_separately():
     assert validate_case(image, label) == "'image' has 4 non-finite values (2 NaN, 2 ±inf)"
 
 
+def test_validate_case_accepts_integer_images_and_names_bad_dtypes_and_labels():
+    """Integer images are valid; a non-numeric (bool, str) image is refused; bad label values are listed, at most 5."""
+    image, label = good_pair(4)
+    assert validate_case((image * 100).astype(np.int16), label) is None
+    assert validate_case(image > 0, label) == "'image' has non-numeric dtype bool"
+    assert "non-numeric dtype <U1" in validate_case(np.full(image.shape, "a"), label)
+    label = label.astype(np.int16)
+    label.flat[:8] = [9, 2, 8, 3, 7, 4, 6, 5]
+    assert validate_case(image, label) == "'label' must contain only 0 and 1, found [2, 3, 4, 5, 6]"
+
+
 def test_check_dataset_collects_every_problem(small_root):
     _break(small_root, "label_2")
     (small_root / "train.list").write_text("C\nA\nB\nGONE\n")
