@@ -160,6 +160,18 @@ def test_protocol_argument_errors(kwargs, word):
         predict_protocol(_model(), np.zeros((10, 10, 10), np.float32), **args)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [({"overlap": 1.0}, "overlap"), ({"overlap": -0.1}, "overlap"), ({"batch_size": 0}, "batch_size"),
+     ({"patch": (8, 8)}, "patch")],
+)
+def test_fast_argument_errors(kwargs, word):
+    """predict_fast refuses overlap outside [0, 1), batch_size < 1 and a patch that is not a triplet."""
+    args = {"patch": (8, 8, 8), **kwargs}
+    with pytest.raises(ValueError, match=word):
+        predict_fast(_model(), np.zeros((10, 10, 10), np.float32), **args)
+
+
 def test_image_must_be_3d():
     with pytest.raises(ValueError, match="image"):
         predict_protocol(_model(), np.zeros((1, 10, 10, 10), np.float32), (8, 8, 8), (4, 4, 4))
