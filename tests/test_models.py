@@ -232,6 +232,8 @@ def test_res_blocks_equal_monai_blocks():
     [
         ({"query_groups": (4, 4, 15)}, "query_groups"),
         ({"depths": (2, 2, 2)}, "widths and depths"),
+        ({"depths": (2, 0, 2, 2)}, "depths must be positive"),
+        ({"widths": (4, 8, 0, 32)}, "widths must be positive"),
         ({"num_heads": 3}, "num_heads"),
         ({"kmax_scales": 4}, "kmax_scales"),
         ({"arch": "unet"}, "arch"),
