@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -89,6 +90,7 @@ def test_loss_falls(phantom_root, tmp_path):
     assert summary["iterations"] == 20 and summary["schedule"] == "shortened: 20 of 40 iterations"
     assert summary["ms_per_step"] > 0 and summary["final"]["loss"] == rows[-1]["loss"]
     assert json.loads((tmp_path / "summary.json").read_text())["iterations"] == 20
+    assert datetime.datetime.fromisoformat(summary["date"]).utcoffset() == datetime.timedelta(0)
     assert json.loads((tmp_path / "config.json").read_text()) == cfg.to_dict()
 
 
@@ -97,6 +99,7 @@ def test_stopped_and_interrupted_runs_resume_exactly(phantom_root, tmp_path, ref
     exactly the logged iterations [2, 4, 6, 8] with the uninterrupted run's values (none lost, none twice)."""
     train(tiny(**{"train.max_iterations": 4}), phantom_root, tmp_path, device="cpu", progress=False)
     assert _load(tmp_path)["iteration"] == 4
+    started = _load(tmp_path)["provenance"]["started"]
     loss_fn, calls = engine.semi_supervised_loss, []
 
     def ctrl_c_at_second_step(*args, **kwargs):
@@ -120,6 +123,7 @@ def test_stopped_and_interrupted_runs_resume_exactly(phantom_root, tmp_path, ref
     expected = [{k: v for k, v in r.items() if k not in timing} for r in _metrics(reference_run)]
     assert [r["iteration"] for r in rows] == [2, 4, 6, 8]  # the checkpoint's line kept, the stale one dropped
     assert rows == expected  # and every logged value equals the uninterrupted run's
+    assert _load(tmp_path)["provenance"]["started"] == started  # the run's start survives both resumes
 
 
 @pytest.mark.parametrize("log_every", [2, 50])  # caught at a log sync / at the checkpoint sync
