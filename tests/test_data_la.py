@@ -178,6 +178,15 @@ def test_check_dataset_ok_on_phantom(phantom_root):
     report = check_dataset(phantom_root, progress=False)
     assert report.ok, report.summary()
     assert report.n_valid == report.n_cases == report.n_train + report.n_test
+    assert report.summary() == f"OK: 10/10 cases valid (8 in train.list, 2 in test.list) in {phantom_root}"
+
+
+def test_check_dataset_without_train_list_still_checks_every_case(small_root):
+    """A missing train.list is one problem; the test.list case and the unlisted case folders are still validated."""
+    (small_root / "train.list").unlink()
+    report = check_dataset(small_root, progress=False)
+    assert (report.n_train, report.n_test, report.n_cases, report.n_valid) == (0, 1, 4, 4)
+    assert len(report.errors) == 1 and str(small_root / "train.list") in report.errors[0]
 
 
 def test_cli_check_exits_1_on_a_broken_folder(small_root):
