@@ -215,16 +215,20 @@ def test_paper_records_are_labelled_and_match_method_targets():
 
 def test_comparison_tables(evaluated):
     ours = _result(evaluated)
-    full = {**copy.deepcopy(ours), "iterations": 40, "schedule": schedule_label(40, "tiny")}
+    full = {**copy.deepcopy(ours), "iterations": 40, "schedule": schedule_label(40, "tiny"), "notes": "longer"}
     main = comparison_table([ours, full], "main")
+    assert list(main.columns) == ["source", "method", "labeled", "label_ratio", "dice", "jaccard", "hd95", "asd",
+                                  "dice_std", "n_failed", "run", "note"]  # the documented columns, no others
     mine = main[main["source"] == "this repository"]
+    assert list(mine["method"]) == ["DKUXNet"] * 2 and list(mine["note"]) == ["", "longer"]
     assert len(mine) == 2 and set(main["source"]) == {PAPER_SOURCE, "this repository"}
     assert mine["dice"].iloc[0] == pytest.approx(100 * ours["metrics"]["dice"]["mean"])
     assert "preset=tiny" in mine["run"].iloc[0] and "test-cpu" in mine["run"].iloc[0]
     assert "shortened: 10 of 40 iterations" in mine["run"].iloc[0] and "40 it (full)" in mine["run"].iloc[1]
     assert len(main) == len(paper_results("main")) + 2 and main["labeled"].is_monotonic_increasing
     ablation = comparison_table([ours], "ablation")
-    assert list(ablation["method"])[-1] == "L_seg + L_qdc + L_segc"
+    assert list(ablation.loc[ablation["source"] == "this repository", "method"]) == ["L_seg + L_qdc + L_segc"]
+    assert list(ablation.columns) == list(main.columns)
     assert len(comparison_table([], "ablation")) == 4
     with pytest.raises(ValueError, match="table"):
         comparison_table([], "other")
