@@ -9,12 +9,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import dkuxnet.engine as engine
+import dkuxnet.train as train_module
 from dkuxnet.config import get_preset
 from dkuxnet.data import make_split
 from dkuxnet.engine import lr_at
@@ -96,10 +99,14 @@ def test_loss_falls(phantom_root, tmp_path):
 
 def test_stopped_and_interrupted_runs_resume_exactly(phantom_root, tmp_path, reference_run, monkeypatch):
     """Stop at 4, Ctrl-C at 6, resume to 8: same final state as 8 straight iterations, and metrics.jsonl holds
-    exactly the logged iterations [2, 4, 6, 8] with the uninterrupted run's values (none lost, none twice)."""
+    exactly the logged iterations [2, 4, 6, 8] with the uninterrupted run's values (none lost, none twice);
+    wall time and start date carry over."""
+    still = SimpleNamespace(perf_counter=lambda: 100.0)  # a clock standing still: only carried-over wall time counts
+    monkeypatch.setattr(train_module, "time", still)
     train(tiny(**{"train.max_iterations": 4}), phantom_root, tmp_path, device="cpu", progress=False)
-    assert _load(tmp_path)["iteration"] == 4
+    assert _load(tmp_path)["iteration"] == 4 and _load(tmp_path)["provenance"]["wall_s"] == 0.0
     started = _load(tmp_path)["provenance"]["started"]
+    monkeypatch.setattr(train_module, "time", time)
     loss_fn, calls = engine.semi_supervised_loss, []
 
     def ctrl_c_at_second_step(*args, **kwargs):
@@ -115,8 +122,11 @@ def test_stopped_and_interrupted_runs_resume_exactly(phantom_root, tmp_path, ref
     assert _load(tmp_path)["iteration"] == 6  # the step in flight was finished and saved
     with (tmp_path / "metrics.jsonl").open("a") as f:  # a process killed after logging iteration 7, before saving
         f.write(json.dumps({"iteration": 7, "loss": 123.0}) + "\n")
+    carried = _load(tmp_path)["provenance"]["wall_s"]
     monkeypatch.setattr(engine, "semi_supervised_loss", loss_fn)
-    train(eight, phantom_root, tmp_path, device="cpu", resume=True, progress=False)
+    monkeypatch.setattr(train_module, "time", still)
+    summary = train(eight, phantom_root, tmp_path, device="cpu", resume=True, progress=False)
+    assert carried > 0 and summary["wall_s"] == carried  # carried over + this session's (none on the still clock)
     _assert_same_state(_load(tmp_path), _load(reference_run))
     timing = ("it_s", "elapsed_s")
     rows = [{k: v for k, v in r.items() if k not in timing} for r in _metrics(tmp_path)]
