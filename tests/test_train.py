@@ -194,7 +194,7 @@ def test_cli_train_and_run_folder_rules(phantom_root, tmp_path):
     assert {"commit", "device", "torch", "date", "wall_s", "seed", "preset"} <= set(ckpt["provenance"])
     with pytest.raises(CheckpointError, match="resume"):
         train(cfg, phantom_root, tmp_path, device="cpu", progress=False)
-    with pytest.raises(CheckpointError, match="loss.tau"):
+    with pytest.raises(CheckpointError, match=r"loss\.tau \(checkpoint 0\.3, now 0\.5\)"):
         train(cfg.override(**{"loss.tau": 0.5}), phantom_root, tmp_path, device="cpu", resume=True, progress=False)
     with pytest.raises(CheckpointError, match="does not exist"):
         train(cfg, phantom_root, tmp_path / "empty", device="cpu", resume=True, progress=False)
