@@ -11,6 +11,7 @@ zero-initialised scale. Convolutions with a spatial kernel use ``F.conv3d`` on t
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -304,12 +305,13 @@ def test_kmax_layer_equals_formula(training):
     _close(z_new, z_ref)
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_dkuxnet_forward_equals_reference_chain(training):
+@pytest.mark.parametrize(("training", "checkpoint"), [(True, False), (False, False), (True, True)])
+def test_dkuxnet_forward_equals_reference_chain(training, checkpoint):
     """DKUXNet: encoder, conv decoders (blocks checked against MONAI elsewhere), kMaX layers coarse to fine from the
-    learned centres, then the predictor, Y = Σ_n Φ[n]·S[n] and the group merge O[g] = Σ_{n∈g} S[n]."""
+    learned centres, then the predictor, Y = Σ_n Φ[n]·S[n] and the group merge O[g] = Σ_{n∈g} S[n]; the same with
+    activation checkpointing."""
     torch.manual_seed(0)
-    model = _randomise(DKUXNet(CFG), seed=15).train(training)
+    model = _randomise(DKUXNet(replace(CFG, checkpoint_activations=checkpoint)), seed=15).train(training)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     blocks = {k: v for k, v in model.named_children() if k in ("encoders", "decoders")}
     x = _x((2, 1, *SHAPE), seed=16)
