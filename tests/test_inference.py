@@ -162,11 +162,11 @@ def test_protocol_argument_errors(kwargs, word):
 
 @pytest.mark.parametrize(
     ("kwargs", "word"),
-    [({"overlap": 1.0}, "overlap"), ({"overlap": -0.1}, "overlap"), ({"batch_size": 0}, "batch_size"),
-     ({"patch": (8, 8)}, "patch")],
+    [({"overlap": 1.0}, r"overlap must be in \[0, 1\)"), ({"overlap": -0.1}, r"overlap must be in \[0, 1\)"),
+     ({"batch_size": 0}, "batch_size"), ({"patch": (8, 8)}, "patch")],
 )
 def test_fast_argument_errors(kwargs, word):
-    """predict_fast refuses overlap outside [0, 1), batch_size < 1 and a patch that is not a triplet."""
+    """predict_fast itself (before MONAI) refuses overlap outside [0, 1), batch_size < 1 and a non-triplet patch."""
     args = {"patch": (8, 8, 8), **kwargs}
     with pytest.raises(ValueError, match=word):
         predict_fast(_model(), np.zeros((10, 10, 10), np.float32), **args)
