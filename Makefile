@@ -116,7 +116,7 @@ serve:
 # the modules in [tool.mutmut] only_mutate (pyproject.toml), draws MUTANTS_PER_MODULE of each module uniformly
 # without replacement (random.Random("<MUTANTS_SEED>:<module>") over the sorted names: the same sources and seed
 # give the same sample), runs each against the listed tests that execute the mutated function, and writes the
-# score per module and every survivor's diff to mutants/report.md. About 35 min on 2 cores with the defaults.
+# score per module and every survivor's diff to mutants/report.md. About 10-15 min on 2 cores with the defaults.
 MUTANTS_PER_MODULE ?= 10
 MUTANTS_SEED ?= 0
 mutants: setup
