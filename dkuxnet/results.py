@@ -102,7 +102,7 @@ def validate_result(d: dict[str, Any]) -> None:
         raise ValueError("result fields 'preset' / 'seed' disagree with 'config'")
     if d["eval_mode"] not in EVAL_MODES:
         raise ValueError(f"result field 'eval_mode' must be one of {EVAL_MODES}, got {d['eval_mode']!r}")
-    _check_schedule(d["schedule"], d["iterations"])
+    _check_schedule(d["schedule"], d["iterations"], d["preset"])
     for m in TABLE_METRICS:
         entry = d["metrics"].get(m)
         if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
@@ -308,12 +308,13 @@ def _num(x: Any) -> float:
     return math.nan if x is None else float(x)
 
 
-def _check_schedule(schedule: str, iterations: int) -> None:
-    if schedule == "full":
-        return
-    m = _SHORTENED.match(schedule)
-    if not m:
+def _check_schedule(schedule: str, iterations: int, preset: str) -> None:
+    """``schedule`` must be exactly :func:`schedule_label` of ``iterations`` and the preset's full schedule."""
+    if schedule != "full" and not _SHORTENED.match(schedule):
         raise ValueError(f"result field 'schedule' must be 'full' or 'shortened: N of M iterations', got {schedule!r}")
-    n, total = int(m.group(1)), int(m.group(2))
-    if n != iterations or n >= total:
-        raise ValueError(f"result field 'schedule' {schedule!r} disagrees with iterations={iterations}")
+    expected = schedule_label(iterations, preset)
+    if schedule != expected:
+        raise ValueError(
+            f"result field 'schedule' {schedule!r} disagrees with iterations={iterations} of preset {preset!r} "
+            f"(expected {expected!r})"
+        )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from dkuxnet.data.phantom import make_phantom
 
-LA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "LA"
+# ../shared/data/LA beside the repository; DKUXNET_LA_ROOT points elsewhere (``make mutants`` runs the tests from
+# a copy of the repository in mutants/).
+LA_ROOT = Path(os.environ.get("DKUXNET_LA_ROOT") or Path(__file__).resolve().parents[2] / "shared" / "data" / "LA")
 PHANTOM_CASES = 10
 PHANTOM_SHAPE = (64, 64, 48)
 

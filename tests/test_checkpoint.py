@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -44,6 +45,26 @@ def test_round_trip_and_load_model(saved, tiny):
         assert k == k2 and torch.equal(a, b)
 
 
+def test_training_state_round_trips_under_its_keys(tmp_path, tiny):
+    """checkpoint_state stores optimizer, rng and sampler under those keys; they load back equal."""
+    _, cfg = tiny
+    model = create_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(1, 1, 32, 16, 16)).seg_logits.sum().backward()
+    optimizer.step()
+    rng, sampler = {"torch": torch.get_rng_state()}, {"epoch": 3, "order": [2, 0, 1]}
+    path = tmp_path / "full.pt"
+    save_checkpoint(path, checkpoint_state(model, cfg, 5, optimizer=optimizer, rng=rng, sampler=sampler))
+    state = load_checkpoint(path)
+    assert set(state) == {"format", "config", "model", "iteration", "optimizer", "rng", "sampler"}
+    assert torch.equal(state["rng"]["torch"], rng["torch"]) and state["sampler"] == sampler
+    expected = optimizer.state_dict()
+    assert state["optimizer"]["param_groups"] == expected["param_groups"]
+    for p, entry in expected["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(state["optimizer"]["state"][p][k], v), (p, k)
+
+
 def test_str_subclasses_are_stored_as_plain_str(tmp_path, tiny):
     model, cfg = tiny
     path = tmp_path / "v.pt"
@@ -63,6 +84,26 @@ def test_unloadable_values_are_refused_and_keep_previous_file(saved, tiny):
     model, cfg = tiny
     with pytest.raises(ValueError, match="ndarray"):
         save_checkpoint(saved, checkpoint_state(model, cfg, 9, rng={"numpy": np.zeros(3)}))
+    assert load_checkpoint(saved)["iteration"] == 7
+    assert sorted(os.listdir(saved.parent)) == ["last.pt"]
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(saved, tiny, monkeypatch):
+    """``torch.save`` dying halfway (half the bytes written, then an error) leaves the previous ``last.pt`` loadable,
+    nothing partial under the final name and no temporary file."""
+    model, cfg = tiny
+    real_save = torch.save
+
+    def crash_halfway(obj, f, *args, **kwargs) -> None:
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        Path(f).write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(OSError, match="no space"):
+        save_checkpoint(saved, checkpoint_state(model, cfg, 8))
+    monkeypatch.undo()
     assert load_checkpoint(saved)["iteration"] == 7
     assert sorted(os.listdir(saved.parent)) == ["last.pt"]
 

@@ -122,6 +122,26 @@ def test_contrast_is_an_affine_map_in_range_with_its_probability():
     assert c.min() >= 0.9 - 1e-4 and c.max() <= 1.1 + 1e-4 and s.abs().max() <= 0.1 + 1e-4
 
 
+@pytest.mark.parametrize(("contrast_range", "shift_range"), [((0.9, 1.1), 0.1), ((2.0, 3.0), 5.0)])
+def test_contrast_and_shift_are_both_drawn_uniformly_from_their_ranges(contrast_range, shift_range):
+    """x·c + s with c ~ U[contrast_range] and s ~ U[±shift_range] independently: the (c, s) fitted per item fill
+    their ranges with the uniform mean and standard deviation (width / √12); dropping either one fails."""
+    x = torch.randn(4000, 1, 2, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cfg = _cfg(noise_std=0.0, blur_p=0.0, contrast_p=1.0, contrast_range=contrast_range, shift_range=shift_range)
+    y = strong_view(x, cfg, torch.Generator().manual_seed(1))
+    xs, ys = x.flatten(1), y.flatten(1)
+    xc = xs - xs.mean(1, keepdim=True)
+    c = (xc * (ys - ys.mean(1, keepdim=True))).sum(1) / (xc**2).sum(1)  # least squares per item
+    s = ys.mean(1) - c * xs.mean(1)
+    torch.testing.assert_close(ys, c[:, None] * xs + s[:, None])
+    for values, low, high in ((c, *contrast_range), (s, -shift_range, shift_range)):
+        width = high - low
+        assert low - 1e-9 <= values.min() < low + 0.01 * width and high - 0.01 * width < values.max() <= high + 1e-9
+        assert abs(float(values.mean()) - (low + high) / 2) < 0.02 * width
+        assert abs(float(values.std()) - width / 12**0.5) < 0.02 * width
+    assert abs(float(torch.corrcoef(torch.stack([c, s]))[0, 1])) < 0.05
+
+
 def sampled_gaussian_variance(sigma: float, radius: int = 3) -> float:
     """Variance of exp(-t²/2σ²) sampled at t = -radius..radius and normalised to sum 1."""
     taps = torch.arange(-radius, radius + 1.0)

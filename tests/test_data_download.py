@@ -85,14 +85,30 @@ def test_urls_follow_the_pinned_ua_mt_layout():
 
 
 def test_subset_download_is_byte_identical_and_skipped_when_present(server, la_root, tmp_path):
-    download_la(tmp_path, server.url, cases=[CASE], **FAST)
+    dest = tmp_path / "new" / "LA"  # created with its parents
+    download_la(dest, server.url, cases=[CASE], **FAST)
     for rel in (REL, "train.list", "test.list", "SHA256SUMS"):
-        assert (tmp_path / rel).read_bytes() == (la_root / rel).read_bytes(), rel
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [
+        assert (dest / rel).read_bytes() == (la_root / rel).read_bytes(), rel
+    assert sorted(p.name for p in dest.rglob("*") if p.is_file()) == [
         "SHA256SUMS", "mri_norm2.h5", "test.list", "train.list"]
     server.log.clear()
-    download_la(tmp_path, server.url, cases=[CASE], **FAST)
+    download_la(dest, server.url, cases=[CASE], **FAST)
     assert server.log == []
+
+
+def test_corrupted_file_at_its_final_name_is_fetched_again(server, la_root, tmp_path):
+    """A file already present under its final name is trusted only when its SHA-256 matches: same size, one byte
+    flipped -> fetched again (one full request), then byte-identical; the intact files are not requested."""
+    download_la(tmp_path, server.url, cases=[CASE], **FAST)
+    for rel in (REL, "train.list"):
+        data = bytearray((tmp_path / rel).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (tmp_path / rel).write_bytes(bytes(data))
+    server.log.clear()
+    download_la(tmp_path, server.url, cases=[CASE], retries=0, **FAST)  # one attempt each is enough here
+    assert sorted(server.log) == [(REL, None), ("train.list", None)]
+    for rel in (REL, "train.list"):
+        assert (tmp_path / rel).read_bytes() == (la_root / rel).read_bytes(), rel
 
 
 def test_truncated_body_is_retried_and_resumed_with_range(server, la_root, tmp_path):

@@ -14,7 +14,7 @@ import dkuxnet.data.la as la
 from dkuxnet.cli import main
 from dkuxnet.data import CASES_DIR, case_path, check_dataset, make_split, read_case, read_list
 from dkuxnet.data.download import read_manifest, sha256_file, sha256sums_text
-from dkuxnet.data.la import split_ids
+from dkuxnet.data.la import split_ids, validate_case
 from dkuxnet.errors import DataError
 
 # protocol.md 1.5: the nested labeled subsets are the first 4 / 8 / 16 lines of train.list
@@ -79,6 +79,9 @@ def test_read_case_returns_float32_and_uint8(small_root):
     assert case_path(small_root, "A") == small_root / CASES_DIR / "A" / "mri_norm2.h5"
 
 
+NON_FINITE = {"nan": np.nan, "inf": np.inf, "minus_inf": -np.inf}
+
+
 def _break(root: Path, defect: str) -> None:
     image, label = good_pair(7)
     if defect == "truncated":
@@ -93,8 +96,8 @@ def _break(root: Path, defect: str) -> None:
     elif defect == "label_2":
         label[0, 0, 0] = 2
         write_case(root, "A", image, label)
-    elif defect == "nan":
-        image[3, 3, 3] = np.nan
+    elif defect in NON_FINITE:
+        image[3, 3, 3] = NON_FINITE[defect]
         write_case(root, "A", image, label)
     elif defect == "not_3d":
         write_case(root, "A", image[..., 0], label[..., 0])
@@ -105,7 +108,9 @@ def _break(root: Path, defect: str) -> None:
 DEFECTS = {
     "truncated": "not a readable HDF5 file", "not_hdf5": "not a readable HDF5 file",
     "missing_label": "no dataset 'label'", "shape_mismatch": "differs from 'label' shape",
-    "label_2": r"only 0 and 1, found \[2\]", "nan": "1 non-finite", "not_3d": "must be 3-D",
+    "label_2": r"only 0 and 1, found \[2\]", "nan": r"1 non-finite values \(1 NaN, 0 ±inf\)",
+    "inf": r"1 non-finite values \(0 NaN, 1 ±inf\)", "minus_inf": r"1 non-finite values \(0 NaN, 1 ±inf\)",
+    "not_3d": "must be 3-D",
     "missing_file": "is missing",
 }
 
@@ -119,6 +124,26 @@ def test_bad_case_raises_one_data_error_naming_the_file(small_root, defect):
     report = check_dataset(small_root, progress=False)
     assert not report.ok and report.n_valid == 3 and report.n_cases == 4
     assert len(report.errors) == 1 and str(case_path(small_root, "A")) in report.errors[0]
+
+
+def test_validate_case_counts_nan_and_inf_separately():
+    """validate_case rejects an image with NaN, +inf or −inf and counts each kind; a finite image passes."""
+    image, label = good_pair(3)
+    assert validate_case(image, label) is None
+    image.flat[[0, 5]] = np.nan
+    image.flat[7], image.flat[9] = np.inf, -np.inf
+    assert validate_case(image, label) == "'image' has 4 non-finite values (2 NaN, 2 ±inf)"
+
+
+def test_validate_case_accepts_integer_images_and_names_bad_dtypes_and_labels():
+    """Integer images are valid; a non-numeric (bool, str) image is refused; bad label values are listed, at most 5."""
+    image, label = good_pair(4)
+    assert validate_case((image * 100).astype(np.int16), label) is None
+    assert validate_case(image > 0, label) == "'image' has non-numeric dtype bool"
+    assert "non-numeric dtype <U1" in validate_case(np.full(image.shape, "a"), label)
+    label = label.astype(np.int16)
+    label.flat[:8] = [9, 2, 8, 3, 7, 4, 6, 5]
+    assert validate_case(image, label) == "'label' must contain only 0 and 1, found [2, 3, 4, 5, 6]"
 
 
 def test_check_dataset_collects_every_problem(small_root):
@@ -153,6 +178,15 @@ def test_check_dataset_ok_on_phantom(phantom_root):
     report = check_dataset(phantom_root, progress=False)
     assert report.ok, report.summary()
     assert report.n_valid == report.n_cases == report.n_train + report.n_test
+    assert report.summary() == f"OK: 10/10 cases valid (8 in train.list, 2 in test.list) in {phantom_root}"
+
+
+def test_check_dataset_without_train_list_still_checks_every_case(small_root):
+    """A missing train.list is one problem; the test.list case and the unlisted case folders are still validated."""
+    (small_root / "train.list").unlink()
+    report = check_dataset(small_root, progress=False)
+    assert (report.n_train, report.n_test, report.n_cases, report.n_valid) == (0, 1, 4, 4)
+    assert len(report.errors) == 1 and str(small_root / "train.list") in report.errors[0]
 
 
 def test_cli_check_exits_1_on_a_broken_folder(small_root):

@@ -10,12 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import ndimage
 
-from dkuxnet.checkpoint import checkpoint_state, save_checkpoint
+from dkuxnet.checkpoint import checkpoint_state, load_model, save_checkpoint
 from dkuxnet.config import get_preset
 from dkuxnet.data.la import read_case, read_list
 from dkuxnet.data.phantom import make_phantom
 from dkuxnet.evaluate import evaluate_checkpoint
+from dkuxnet.inference import predict_fast, predict_protocol
 from dkuxnet.metrics import case_metrics
 from dkuxnet.models import create_model
 from dkuxnet.results import (
@@ -39,7 +41,12 @@ def setup(tmp_path_factory):
     cfg = get_preset("tiny").override(**{"data.labeled_num": 2, "train.max_iterations": 10})
     ckpt = root / "last.pt"
     prov = {"commit": "0123abc", "device": "test-cpu", "torch": torch.__version__, "wall_s": 3.5}  # as train.py writes
-    save_checkpoint(ckpt, checkpoint_state(create_model(cfg), cfg, 10, provenance=prov))
+    model = create_model(cfg)
+    with torch.no_grad():  # sharp query assignments, half the queries voting foreground: a non-empty, partial mask
+        model.predictor.affinity_norm.weight.fill_(5.0)
+        model.mlp[2].weight.zero_()
+        model.mlp[2].bias.copy_(torch.tensor([[3.0, -3.0], [-3.0, 3.0]]).repeat(cfg.model.num_queries // 2, 1).ravel())
+    save_checkpoint(ckpt, checkpoint_state(model, cfg, 10, provenance=prov))
     return root, data, ckpt, cfg
 
 
@@ -51,8 +58,27 @@ def evaluated(setup):
             for mode in ("fast", "protocol")}
 
 
+def _reference_mask(ckpt, image: np.ndarray, mode: str) -> np.ndarray:
+    """argmax_K ≠ 0 of the checkpoint's probabilities: UA-MT grid stride (18, 18, 4), or MONAI Gaussian, overlap 0.5."""
+    model, cfg = load_model(ckpt, "cpu")
+    patch = tuple(cfg.data.patch_size)
+    if mode == "protocol":
+        prob = predict_protocol(model, image, patch, (18, 18, 4))
+    else:
+        prob = predict_fast(model, image, patch, overlap=0.5, mode="gaussian")
+    return (prob.argmax(0) != 0).numpy()
+
+
+def _largest_26_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes)) if n else mask
+
+
 @pytest.mark.parametrize("mode", ["fast", "protocol"])
 def test_evaluate_checkpoint_writes_outputs(setup, evaluated, mode):
+    """per_case.csv, summary.json and the saved mask agree with the checkpoint's own prediction recomputed through
+    the inference and metric functions (LCC: 26-connected largest component); provenance is carried over."""
     root, data, ckpt, cfg = setup
     summary = evaluated[mode]
     out = root / mode
@@ -67,11 +93,18 @@ def test_evaluate_checkpoint_writes_outputs(setup, evaluated, mode):
     assert on_disk["window"]["patch"] == list(cfg.data.patch_size)
     assert on_disk["provenance"]["commit"] == "0123abc" and on_disk["labeled_num"] == 2
     assert on_disk["torch_version"] == torch.__version__ and on_disk["date"] and on_disk["device"].startswith("cpu")
-    assert on_disk["metrics"]["dice"]["mean"] == pytest.approx(df["dice"].mean())
+    image, label = read_case(data, ids[0])
+    mask = _reference_mask(ckpt, image, mode)
     pred = np.load(out / "predictions" / f"{ids[0]}.npz")["pred"]
-    _, label = read_case(data, ids[0])
-    assert pred.dtype == np.uint8 and pred.shape == label.shape
-    assert case_metrics(pred, label)["dice"] == pytest.approx(df["dice"].iloc[0])
+    assert pred.dtype == np.uint8 and np.array_equal(pred, mask)
+    variants = {"": mask, "_lcc": _largest_26_component(mask)} if mode == "protocol" else {"": mask}
+    for suffix, variant in variants.items():
+        expected = case_metrics(variant, label)
+        assert not expected["failed"]
+        block = on_disk["lcc"] if suffix else on_disk
+        for name in ("dice", "jaccard", "hd95", "asd"):
+            assert df[name + suffix].iloc[0] == pytest.approx(expected[name], rel=1e-6), name + suffix
+            assert block["metrics"][name] == {"mean": pytest.approx(expected[name], rel=1e-6), "std": 0.0}
 
 
 def test_evaluate_rejects_unknown_mode(setup):
@@ -118,6 +151,32 @@ def test_validation_catches_inconsistencies(evaluated):
             validate_result(bad)
 
 
+@pytest.mark.parametrize(("iterations", "schedule"), [
+    (10, "full"),  # 10 < the tiny preset's 40
+    (10, "shortened: 5 of 40 iterations"),
+    (10, "shortened: 10 of 50 iterations"),  # M is the preset's schedule
+    (10, "shortened: 10 of 40 iteration"),
+    (10, "shortened: 10 of 40 iterations "),
+    (10, "Full"),
+    (40, "shortened: 40 of 40 iterations"),
+    (50, "shortened: 50 of 40 iterations"),
+])
+def test_validation_rejects_every_inconsistent_schedule(evaluated, iterations, schedule):
+    """'schedule' must equal schedule_label(iterations, preset): "full" iff iterations ≥ the preset's M, else
+    exactly "shortened: N of M iterations" with N = iterations."""
+    bad = {**_result(evaluated), "iterations": iterations, "schedule": schedule}
+    with pytest.raises(ValueError, match="schedule"):
+        validate_result(bad)
+
+
+@pytest.mark.parametrize(("iterations", "schedule"), [
+    (10, "shortened: 10 of 40 iterations"), (39, "shortened: 39 of 40 iterations"), (40, "full"), (50, "full"),
+])
+def test_validation_accepts_the_consistent_schedules(evaluated, iterations, schedule):
+    """The labels schedule_label writes for the tiny preset (M = 40) validate."""
+    validate_result({**_result(evaluated), "iterations": iterations, "schedule": schedule})
+
+
 def test_build_result_needs_wall_time(evaluated):
     summary = {**evaluated["fast"], "provenance": {}}
     with pytest.raises(ValueError, match="wall_time_s"):
@@ -156,16 +215,20 @@ def test_paper_records_are_labelled_and_match_method_targets():
 
 def test_comparison_tables(evaluated):
     ours = _result(evaluated)
-    full = {**copy.deepcopy(ours), "iterations": 40, "schedule": schedule_label(40, "tiny")}
+    full = {**copy.deepcopy(ours), "iterations": 40, "schedule": schedule_label(40, "tiny"), "notes": "longer"}
     main = comparison_table([ours, full], "main")
+    assert list(main.columns) == ["source", "method", "labeled", "label_ratio", "dice", "jaccard", "hd95", "asd",
+                                  "dice_std", "n_failed", "run", "note"]  # the documented columns, no others
     mine = main[main["source"] == "this repository"]
+    assert list(mine["method"]) == ["DKUXNet"] * 2 and list(mine["note"]) == ["", "longer"]
     assert len(mine) == 2 and set(main["source"]) == {PAPER_SOURCE, "this repository"}
     assert mine["dice"].iloc[0] == pytest.approx(100 * ours["metrics"]["dice"]["mean"])
     assert "preset=tiny" in mine["run"].iloc[0] and "test-cpu" in mine["run"].iloc[0]
     assert "shortened: 10 of 40 iterations" in mine["run"].iloc[0] and "40 it (full)" in mine["run"].iloc[1]
     assert len(main) == len(paper_results("main")) + 2 and main["labeled"].is_monotonic_increasing
     ablation = comparison_table([ours], "ablation")
-    assert list(ablation["method"])[-1] == "L_seg + L_qdc + L_segc"
+    assert list(ablation.loc[ablation["source"] == "this repository", "method"]) == ["L_seg + L_qdc + L_segc"]
+    assert list(ablation.columns) == list(main.columns)
     assert len(comparison_table([], "ablation")) == 4
     with pytest.raises(ValueError, match="table"):
         comparison_table([], "other")

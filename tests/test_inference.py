@@ -120,15 +120,24 @@ def test_padding_is_uamt_symmetric():
     assert protocol_padding((45, 30, 79), (48, 32, 80)) == [(1, 2), (1, 1), (0, 1)]
 
 
-def test_fast_mode_shape_probabilities_and_small_volume():
-    image = np.random.default_rng(0).normal(size=(30, 21, 9)).astype(np.float32)  # z < patch: MONAI pads
-    net = _model()
-    got = predict_fast(net, image, (16, 16, 12), batch_size=2)
-    assert got.shape == (2, 30, 21, 9)
+@pytest.mark.parametrize(("mode", "overlap"), [("gaussian", 0.5), ("constant", 0.6)])
+def test_fast_mode_equals_monai_sliding_window_of_softmax(mode, overlap):
+    """predict_fast = MONAI sliding_window_inference(eval model, softmax_K per window, patch, overlap, mode), the
+    volume padded where smaller than the patch (z here); probabilities sum to 1; the model's mode is restored."""
+    from monai.inferers import sliding_window_inference
+
+    image = np.random.default_rng(0).normal(size=(30, 21, 9)).astype(np.float32)
+    net = _model().train()
+    got = predict_fast(net, image, (16, 16, 12), overlap=overlap, mode=mode, batch_size=2)
+    assert net.training and got.shape == (2, 30, 21, 9) and got.dtype == torch.float32
+    net.eval()
+    with torch.no_grad():
+        ref = sliding_window_inference(
+            torch.from_numpy(image)[None, None], (16, 16, 12), 1, lambda b: torch.softmax(net(b).seg_logits, 1),
+            overlap=overlap, mode=mode,
+        )[0]
+    torch.testing.assert_close(got, torch.as_tensor(ref), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.sum(0), torch.ones(30, 21, 9))
-    net.train()
-    predict_fast(net, image, (16, 16, 12))
-    assert net.training
 
 
 def test_fast_constant_on_full_window_equals_single_forward():
@@ -149,6 +158,18 @@ def test_protocol_argument_errors(kwargs, word):
     args = {"patch": (8, 8, 8), "stride": (4, 4, 4), **kwargs}
     with pytest.raises(ValueError, match=word):
         predict_protocol(_model(), np.zeros((10, 10, 10), np.float32), **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [({"overlap": 1.0}, r"overlap must be in \[0, 1\)"), ({"overlap": -0.1}, r"overlap must be in \[0, 1\)"),
+     ({"batch_size": 0}, "batch_size"), ({"patch": (8, 8)}, "patch")],
+)
+def test_fast_argument_errors(kwargs, word):
+    """predict_fast itself (before MONAI) refuses overlap outside [0, 1), batch_size < 1 and a non-triplet patch."""
+    args = {"patch": (8, 8, 8), **kwargs}
+    with pytest.raises(ValueError, match=word):
+        predict_fast(_model(), np.zeros((10, 10, 10), np.float32), **args)
 
 
 def test_image_must_be_3d():

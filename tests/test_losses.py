@@ -333,15 +333,46 @@ def test_semi_supervised_all_combines_the_parts():
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
+def _ntxent_reference(x: torch.Tensor, tau: float, granularity: str, exclude_same_class: bool = False) -> float:
+    """NT-Xent from its definition on (2B)×C×… (every voxel sampled at voxel level): per-voxel unit vectors;
+    volume level: sim = voxel-mean cosine between items; voxel level: per volume the 2V anchors of both views,
+    positives the same voxel in the other view, optionally without negatives of the anchor's argmax class."""
+    z = x.detach().double().flatten(2).numpy()  # 2B×C×V
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    b = z.shape[0] // 2
+    if granularity == "volume":
+        return _hand_ntxent(np.einsum("acv,bcv->ab", z, z) / z.shape[2], tau)
+    losses = []
+    for i in range(b):
+        vecs = np.concatenate([z[i].T, z[i + b].T])  # 2V×C
+        cls = vecs.argmax(1)
+        keep = cls[:, None] != cls[None, :] if exclude_same_class else None
+        losses.append(_hand_ntxent(vecs @ vecs.T, tau, keep))
+    return float(np.mean(losses))
+
+
+def _seg_reference(out: SimpleNamespace, cfg: LossConfig, items: int = 4) -> float:
+    """L_seg = mean over the two views of DiceCE + λ_qd QD + λ_ds DS on the labeled items (first 2 of each view)."""
+    total = 0.0
+    for view in (slice(0, 2), slice(items, items + 2)):
+        total += (dice_ce_loss(out.seg_logits[view], LABELS).item()
+                  + cfg.lambda_qd * qd_loss(out.query_logits[view], label_to_group(LABELS, 3), GROUPS).item()
+                  + cfg.lambda_ds * deep_supervision_loss([m[view] for m in out.aux], LABELS, GROUPS).item()) / 2
+    return total
+
+
 @pytest.mark.parametrize("ablation, has_qdc, has_segc", [("seg", 0, 0), ("qdc", 1, 0), ("segc", 0, 1), ("all", 1, 1)])
 def test_semi_supervised_ablation_rows(ablation, has_qdc, has_segc):
-    cfg = LossConfig(ablation=ablation)
-    total, parts = semi_supervised_loss(_out(), LABELS, 2, 2, cfg, 6000, GROUPS)
-    assert (parts["qdc"].item() > 0) == bool(has_qdc) and (parts["segc"].item() > 0) == bool(has_segc)
-    expected = parts["seg"] + parts["ramp"] * (cfg.lambda_qdc * parts["qdc"] + cfg.lambda_segc * parts["segc"])
-    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
-    if ablation == "seg":
-        assert total.item() == pytest.approx(parts["seg"].item(), rel=1e-7)
+    """Each Table-1 row: L = L_seg + ramp·(λ_qdc·L_qdc·[row has qdc] + λ_segc·L_segc·[row has segc]), the NT-Xent
+    terms computed from their definition (L_qdc on S, L_segc on softmax_K of the logits), ramp(6000) = 1."""
+    out, cfg = _out(), LossConfig(ablation=ablation, lambda_qdc=0.3, lambda_segc=0.7)
+    total, parts = semi_supervised_loss(out, LABELS, 2, 2, cfg, 6000, GROUPS)
+    qdc = _ntxent_reference(out.query_probs, cfg.tau, "volume")
+    segc = _ntxent_reference(out.seg_logits.softmax(1), cfg.tau, "volume")
+    expected = _seg_reference(out, cfg) + 0.3 * qdc * has_qdc + 0.7 * segc * has_segc
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert parts["qdc"].item() == pytest.approx(qdc * has_qdc, rel=1e-6)
+    assert parts["segc"].item() == pytest.approx(segc * has_segc, rel=1e-6)
 
 
 def test_semi_supervised_disabled_terms_and_vnet():
@@ -360,10 +391,20 @@ def test_semi_supervised_disabled_terms_and_vnet():
     assert parts["qd"].item() == 0 and parts["ds"].item() == 0
 
 
-def test_semi_supervised_voxel_granularity_runs():
-    cfg = LossConfig(qdc_granularity="voxel", segc_granularity="voxel", voxel_samples=16)
-    total, parts = semi_supervised_loss(_out(), LABELS, 2, 2, cfg, 6000, GROUPS, torch.Generator().manual_seed(0))
-    assert torch.isfinite(total) and parts["qdc"].item() > 0 and parts["segc"].item() >= 0
+def test_semi_supervised_voxel_granularity_excludes_same_class_negatives_in_segc_only():
+    """Voxel level with every voxel sampled: L_qdc is the plain voxel NT-Xent of S; L_segc that of softmax_K(Y) with
+    the anchor's same-class negatives dropped (the result differs from keeping them)."""
+    out = _out()
+    cfg = LossConfig(qdc_granularity="voxel", segc_granularity="voxel", voxel_samples=10**6)
+    total, parts = semi_supervised_loss(out, LABELS, 2, 2, cfg, 6000, GROUPS, torch.Generator().manual_seed(0))
+    probs = out.seg_logits.softmax(1)
+    qdc = _ntxent_reference(out.query_probs, cfg.tau, "voxel")
+    segc = _ntxent_reference(probs, cfg.tau, "voxel", exclude_same_class=True)
+    assert parts["qdc"].item() == pytest.approx(qdc, rel=1e-5)
+    assert parts["segc"].item() == pytest.approx(segc, rel=1e-5)
+    assert segc != pytest.approx(_ntxent_reference(probs, cfg.tau, "voxel"), rel=1e-2)
+    expected = _seg_reference(out, cfg) + cfg.lambda_qdc * qdc + cfg.lambda_segc * segc
+    assert total.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_semi_supervised_bf16_close_to_fp32():

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import dkuxnet.engine as engine
+import dkuxnet.train as train_module
 from dkuxnet.config import get_preset
 from dkuxnet.data import make_split
 from dkuxnet.engine import lr_at
@@ -89,12 +93,20 @@ def test_loss_falls(phantom_root, tmp_path):
     assert summary["iterations"] == 20 and summary["schedule"] == "shortened: 20 of 40 iterations"
     assert summary["ms_per_step"] > 0 and summary["final"]["loss"] == rows[-1]["loss"]
     assert json.loads((tmp_path / "summary.json").read_text())["iterations"] == 20
+    assert datetime.datetime.fromisoformat(summary["date"]).utcoffset() == datetime.timedelta(0)
     assert json.loads((tmp_path / "config.json").read_text()) == cfg.to_dict()
 
 
 def test_stopped_and_interrupted_runs_resume_exactly(phantom_root, tmp_path, reference_run, monkeypatch):
+    """Stop at 4, Ctrl-C at 6, resume to 8: same final state as 8 straight iterations, and metrics.jsonl holds
+    exactly the logged iterations [2, 4, 6, 8] with the uninterrupted run's values (none lost, none twice);
+    wall time and start date carry over."""
+    still = SimpleNamespace(perf_counter=lambda: 100.0)  # a clock standing still: only carried-over wall time counts
+    monkeypatch.setattr(train_module, "time", still)
     train(tiny(**{"train.max_iterations": 4}), phantom_root, tmp_path, device="cpu", progress=False)
-    assert _load(tmp_path)["iteration"] == 4
+    assert _load(tmp_path)["iteration"] == 4 and _load(tmp_path)["provenance"]["wall_s"] == 0.0
+    started = _load(tmp_path)["provenance"]["started"]
+    monkeypatch.setattr(train_module, "time", time)
     loss_fn, calls = engine.semi_supervised_loss, []
 
     def ctrl_c_at_second_step(*args, **kwargs):
@@ -108,11 +120,20 @@ def test_stopped_and_interrupted_runs_resume_exactly(phantom_root, tmp_path, ref
     with pytest.raises(KeyboardInterrupt):
         train(eight, phantom_root, tmp_path, device="cpu", resume=True, progress=False)
     assert _load(tmp_path)["iteration"] == 6  # the step in flight was finished and saved
+    with (tmp_path / "metrics.jsonl").open("a") as f:  # a process killed after logging iteration 7, before saving
+        f.write(json.dumps({"iteration": 7, "loss": 123.0}) + "\n")
+    carried = _load(tmp_path)["provenance"]["wall_s"]
     monkeypatch.setattr(engine, "semi_supervised_loss", loss_fn)
-    train(eight, phantom_root, tmp_path, device="cpu", resume=True, progress=False)
+    monkeypatch.setattr(train_module, "time", still)
+    summary = train(eight, phantom_root, tmp_path, device="cpu", resume=True, progress=False)
+    assert carried > 0 and summary["wall_s"] == carried  # carried over + this session's (none on the still clock)
     _assert_same_state(_load(tmp_path), _load(reference_run))
-    iterations = [r["iteration"] for r in _metrics(tmp_path)]
-    assert iterations == sorted(set(iterations)) and iterations[-1] == 8
+    timing = ("it_s", "elapsed_s")
+    rows = [{k: v for k, v in r.items() if k not in timing} for r in _metrics(tmp_path)]
+    expected = [{k: v for k, v in r.items() if k not in timing} for r in _metrics(reference_run)]
+    assert [r["iteration"] for r in rows] == [2, 4, 6, 8]  # the checkpoint's line kept, the stale one dropped
+    assert rows == expected  # and every logged value equals the uninterrupted run's
+    assert _load(tmp_path)["provenance"]["started"] == started  # the run's start survives both resumes
 
 
 @pytest.mark.parametrize("log_every", [2, 50])  # caught at a log sync / at the checkpoint sync
@@ -173,7 +194,7 @@ def test_cli_train_and_run_folder_rules(phantom_root, tmp_path):
     assert {"commit", "device", "torch", "date", "wall_s", "seed", "preset"} <= set(ckpt["provenance"])
     with pytest.raises(CheckpointError, match="resume"):
         train(cfg, phantom_root, tmp_path, device="cpu", progress=False)
-    with pytest.raises(CheckpointError, match="loss.tau"):
+    with pytest.raises(CheckpointError, match=r"loss\.tau \(checkpoint 0\.3, now 0\.5\)"):
         train(cfg.override(**{"loss.tau": 0.5}), phantom_root, tmp_path, device="cpu", resume=True, progress=False)
     with pytest.raises(CheckpointError, match="does not exist"):
         train(cfg, phantom_root, tmp_path / "empty", device="cpu", resume=True, progress=False)

@@ -68,8 +68,10 @@ def validate_case(image: np.ndarray, label: np.ndarray) -> str | None:
         return f"'image' shape {image.shape} differs from 'label' shape {label.shape}"
     if not np.issubdtype(image.dtype, np.floating) and not np.issubdtype(image.dtype, np.integer):
         return f"'image' has non-numeric dtype {image.dtype}"
-    if not np.isfinite(image).all():
-        return f"'image' has {int(np.size(image) - np.isfinite(image).sum())} non-finite values (NaN/inf)"
+    finite = np.isfinite(image)
+    if not finite.all():
+        n_bad, n_nan = int(finite.size - finite.sum()), int(np.isnan(image).sum())
+        return f"'image' has {n_bad} non-finite values ({n_nan} NaN, {n_bad - n_nan} ±inf)"
     bad = (label != 0) & (label != 1)
     if bad.any():
         values = np.unique(label[bad])[:5].tolist()
