@@ -82,7 +82,7 @@ print(settings.note)
 # `model_info` builds each preset on PyTorch's `meta` device (no memory, instant) and counts the
 # parameters of each part (grouped below; `model_info(preset)["parts"]` has every part). `paper`
 # (3 kMaX scales, deep-supervised assignment heads) should count
-# 65,217,790 — the architecture regression number of `method.md` §3.6; `official` is what the
+# 65,217,790 — the count the test suite checks; `official` is what the
 # authors' training script trains (the same plus a convolutional head); `authors-script` is the
 # authors' `DKUNET` class (2 kMaX scales); `vnet` is the supervised baseline of the LA
 # literature; `tiny` is the same architecture as `paper`, narrow, for CPUs.
@@ -128,7 +128,7 @@ pd.Series({f.name: shape(getattr(out, f.name)) for f in fields(out)}, name="shap
 # over the **voxels**. kMaX-DeepLab replaces that softmax by a k-means step: each voxel is assigned to
 # exactly one query (a softmax over the **queries**, taken to its hard limit), and each centre moves
 # by the sum of the values of its voxels. With pixel keys $K^p$, query kernels $Q^c$ and pixel values
-# $V^p$ of one kMaX layer (`method.md` §3.3):
+# $V^p$ of one kMaX layer (the book's method page, kMaX decoder):
 #
 # $$
 # M = \mathrm{BN}_1\!\left(Q^{c\top} K^p\right) \in \mathbb{R}^{N \times V},\qquad

@@ -5,6 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -109,7 +110,7 @@ pd.Series({
 #
 # Each step draws labeled and unlabeled crops, augments them spatially once, and makes two
 # voxel-aligned views: the crop itself (weak) and an intensity-perturbed copy (strong). Both views go
-# through the one network in a single batch (`method.md` §5.6):
+# through the one network in a single batch (the book's method page, total objective):
 #
 # $$
 # \mathcal{L} = \underbrace{\mathrm{DiceCE} + \lambda_{qd}\mathcal{L}_{qd} + \lambda_{ds}\mathcal{L}_{ds}}_{\mathcal{L}_{seg}\text{, labeled, both views}}

@@ -72,7 +72,7 @@ print(f"{settings.max_iterations} iterations per row — {settings.note}")
 # %% [markdown]
 # ## 1. The four rows
 #
-# `loss.ablation` selects the terms (`method.md` §5.6):
+# `loss.ablation` selects the terms (the book's method page, total objective):
 #
 # | row | objective | data |
 # | --- | --- | --- |
@@ -169,7 +169,7 @@ pd.DataFrame(floor).style.format({"grad_norm": "{:.2e}"}, precision=3)
 # ## Reading the table
 #
 # - The paper's rows rise from 77.73 (L_seg) to 90.41 (all); its L_seg row is far below the usual
-#   10 % V-Net (82.74, `protocol.md` §4.2 item 5), so part of the gap may be a weak baseline.
+#   10 % V-Net (82.74 in the SS-Net paper's table, Wu et al., MICCAI 2022), so part of the gap may be a weak baseline.
 # - In the smoke profile (40 iterations per row) the ramp $r(t) = e^{-5}$ has not started to rise
 #   (it reaches 1 at iteration 6000), so the consistency terms are practically off: the four rows
 #   differ by which data they sample (the `seg` row sees labeled volumes only) and by chance, and their

@@ -5,6 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -26,7 +27,7 @@
 # | Concepts | Importance | Notes |
 # | --- | --- | --- |
 # | [Evaluation](04_evaluate) | Necessary | how every number below is computed |
-# | The LA protocol | Helpful | `protocol.md` §2 in the design documents |
+# | The LA protocol | Helpful | the book's data page, protocol caveats |
 #
 # - **Time to learn**: 15 minutes
 
@@ -146,7 +147,7 @@ if curve.is_file():
 # %% [markdown]
 # ## 4. Why the numbers can differ
 #
-# Read any gap between our runs and the paper with these in mind (`protocol.md` §2.6–2.7, §4.2):
+# Read any gap between our runs and the paper with these in mind (the book's data page, protocol caveats):
 #
 # - **The baseline rows.** Every baseline row of the paper's Table 2 is lower than the method's own
 #   paper except CAML's, which match CAML exactly; the block looks transcribed from CAML's Table 1
@@ -161,7 +162,7 @@ if curve.is_file():
 #   value). We count such a case as failed, leave its distances out of the means and keep the legacy
 #   value in a separate column.
 # - **Our own decisions.** The paper leaves the iteration budget, the loss weights, the contrastive
-#   temperature and the exact consistency losses open; `method.md` records each choice we made
+#   temperature and the exact consistency losses open; the book's decisions page records each choice we made
 #   (15,000 iterations, $\lambda_{qdc} = \lambda_{segc} = 0.1$, $\tau = 0.3$, volume-level NT-Xent,
 #   deep supervision of the assignment heads). A different reading can move the result.
 # - **Noise.** With 20 test cases and a per-case Dice spread of 3–10 points, the standard error of
