@@ -47,3 +47,26 @@ def test_perf_report_renders_traffic_rows(tmp_path):
     (tmp_path / "traffic_meta.json").write_text(json.dumps({"method": "m", "rows": [row]}))
     text = perf_report(tmp_path)
     assert "| `abcdef123456` | `paper`, 8 × 112×112×80 | 1238 | 1003 | 302 | 26 | 910 |" in text
+
+
+def test_live_memory_hand_values():
+    """Live bytes follow creation and release: 4 kB for a, +4 kB for b, back to 4 kB after del b; peak 8 kB."""
+    traffic = _load()
+    with traffic.LiveMemory() as live:
+        a = torch.empty(1000, device="meta")
+        b = a * 2
+        assert live.live == 8000
+        del b
+        assert live.live == 4000
+        a.view(10, 100)  # a view allocates nothing
+    assert live.peak == 8000 and live.live == 4000
+    assert sorted(n for n in live.at_peak.values()) == [4000, 4000]
+
+
+def test_peak_of_tiny_step(capsys):
+    traffic = _load()
+    assert traffic.main(["--preset", "tiny", "--peak"]) == 0
+    p = traffic.peak("tiny", {})
+    assert p["peak_gib"] >= p["forward_peak_gib"] >= p["after_forward_gib"] > 0
+    assert p["alive_at_peak"] and sum(r["gib"] for r in p["alive_at_peak"]) <= p["peak_gib"] + 1e-9
+    assert "alive after forward + loss" in capsys.readouterr().out

@@ -13,6 +13,9 @@ exact), and cuDNN/cuBLAS re-reads are ignored. It answers "how many passes over 
 tensors does this step make", before and after a rewrite, on a machine without a GPU:
 
     python tools/traffic.py --preset paper --out results/perf/traffic_meta.json
+
+``--peak`` follows the live memory instead (storages from creation to release) and prints what is alive at
+the step's peak, by the op and source line (or backward node) that created it: where the peak memory is.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import sys
 import time
 import traceback
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +76,42 @@ def _source() -> str:
     return f"{Path(f.filename).name}:{f.lineno}"
 
 
+class LiveMemory(TorchDispatchMode):
+    """Bytes of the storages alive after each aten op; at the peak, what is alive, by creator and shape.
+
+    A storage counts from the op that created it until it is freed (a finalizer on the storage), so tensors
+    that autograd saves for backward, gradients and temporaries are all in; views add nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.peak_op = ""
+        self.owners: dict[int, tuple[str, tuple[int, ...], int]] = {}  # storage → (creator, shape, bytes)
+        self.at_peak: collections.Counter[tuple[str, tuple[int, ...]]] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.owners:
+                    self.owners[key] = (f"{func.__name__.split('.')[0]} {_source()}", tuple(t.shape), storage.nbytes())
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._free, key)
+        if self.live > self.peak:
+            self.peak, self.peak_op = self.live, f"{func.__name__.split('.')[0]} {_source()}"
+            self.at_peak = collections.Counter()
+            for creator, shape, nbytes in self.owners.values():
+                self.at_peak[(creator, shape)] += nbytes
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self.owners.pop(key)[2]
+
+
 @contextlib.contextmanager
 def _meta_islands() -> Any:
     """fp32 islands as disabled CPU autocast (the meta device has none); restored afterwards."""
@@ -87,27 +127,60 @@ def _meta_islands() -> Any:
             module.fp32_island = original
 
 
-def count(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Eager bytes of one training step of ``preset`` (+ dotted ``overrides``) at its batch and patch."""
+def _build(preset: str, overrides: dict[str, Any]) -> tuple[Any, torch.nn.Module, torch.Tensor, torch.Tensor, int]:
     from dkuxnet.config import get_preset
     from dkuxnet.engine import effective_unlabeled_bs
-    from dkuxnet.losses import semi_supervised_loss
     from dkuxnet.models import create_model
 
     cfg = get_preset(preset).override(**overrides)
     n_lab, views = cfg.data.labeled_bs, cfg.data.views
     batch = views * (n_lab + effective_unlabeled_bs(cfg))
-    patch = tuple(cfg.data.patch_size)
-    voxels = patch[0] * patch[1] * patch[2]
     with torch.device("meta"):
         model = create_model(cfg).train()
-        x = torch.empty(batch, 1, *patch)
-        y = torch.zeros(n_lab, *patch, dtype=torch.long)
-    counter = TrafficCounter(large=n_lab * cfg.model.num_queries * voxels)
+        x = torch.empty(batch, 1, *cfg.data.patch_size)
+        y = torch.zeros(n_lab, *cfg.data.patch_size, dtype=torch.long)
+    return cfg, model, x, y, batch
+
+
+def _loss(cfg: Any, model: torch.nn.Module, out: Any, y: torch.Tensor) -> torch.Tensor:
+    from dkuxnet.losses import semi_supervised_loss
+
+    views = cfg.data.views
+    return semi_supervised_loss(out, y, cfg.data.labeled_bs, views, cfg.loss, 10**6, getattr(model, "group_sizes", ()))[0]
+
+
+def peak(preset: str, overrides: dict[str, Any], top: int = 15) -> dict[str, Any]:
+    """Live bytes of one training step on the meta device: after forward + loss, and at the peak, with what is alive then.
+
+    fp32-sized like :func:`count` (bf16 activations of a CUDA step are half as large); parameters, their
+    gradients and the optimiser state are not included (the model is built before counting starts).
+    """
+    cfg, model, x, y, batch = _build(preset, overrides)
+    live = LiveMemory()
+    with _meta_islands(), live:
+        out = model(x)
+        loss = _loss(cfg, model, out, y)
+        kept, forward_peak = live.live, live.peak
+        del out
+        loss.backward()
+    return {
+        "preset": preset, "overrides": overrides, "batch": batch, "patch": list(cfg.data.patch_size),
+        "after_forward_gib": kept / 2**30, "forward_peak_gib": forward_peak / 2**30, "peak_gib": live.peak / 2**30,
+        "peak_op": live.peak_op,
+        "alive_at_peak": [{"creator": c, "shape": list(sh), "gib": n / 2**30} for (c, sh), n in live.at_peak.most_common(top)],
+    }
+
+
+def count(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Eager bytes of one training step of ``preset`` (+ dotted ``overrides``) at its batch and patch."""
+    cfg, model, x, y, batch = _build(preset, overrides)
+    patch = tuple(cfg.data.patch_size)
+    voxels = patch[0] * patch[1] * patch[2]
+    counter = TrafficCounter(large=cfg.data.labeled_bs * cfg.model.num_queries * voxels)
     with _meta_islands(), counter:
         out = model(x)
         counter.phase = "loss"
-        loss, _ = semi_supervised_loss(out, y, n_lab, views, cfg.loss, 10**6, getattr(model, "group_sizes", ()))
+        loss = _loss(cfg, model, out, y)
         counter.phase = "backward"
         loss.backward()
 
@@ -134,8 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--set", action="append", default=[], metavar="K=V", help="dotted config change (repeatable)")
     ap.add_argument("--out", type=Path, help="write the JSON here (rows of an existing file are kept)")
+    ap.add_argument("--peak", action="store_true", help="instead: live memory at the step's peak and what is alive")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.peak:
+        p = peak(args.preset, _parse_set(args.set))
+        print(f"{args.preset} at {p['batch']} × {'×'.join(map(str, p['patch']))} (fp32-sized, without parameters): "
+              f"{p['after_forward_gib']:.1f} GiB alive after forward + loss, peak {p['peak_gib']:.1f} GiB at "
+              f"{p['peak_op']}; alive then:")
+        for r in p["alive_at_peak"]:
+            print(f"  {r['gib']:6.2f} GiB  {r['creator']:60s} {tuple(r['shape'])}")
+        return 0
     row = count(args.preset, _parse_set(args.set))
     print(f"{args.preset} at {row['batch']} × {'×'.join(map(str, row['patch']))}: {row['total_gb']:.1f} GB eager "
           f"traffic (fp32-sized), {row['full_resolution_gb']:.1f} GB of it on full-resolution tensors "
