@@ -145,7 +145,8 @@ def test_validation_catches_inconsistencies(evaluated):
     r = _result(evaluated)
     for change, word in [({"source": PAPER_SOURCE}, "source"), ({"schedule": "shortened: 5 of 40 iterations"},
                                                                 "schedule"), ({"seed": 1}, "seed"),
-                         ({"eval_mode": "slow"}, "eval_mode"), ({"iterations": True}, "iterations")]:
+                         ({"eval_mode": "slow"}, "eval_mode"), ({"iterations": True}, "iterations"),
+                         ({"config": {"model": {"widths": 3, "nonsense": 1}}}, "'config' is not a valid config")]:
         bad = {**copy.deepcopy(r), **change}
         with pytest.raises(ValueError, match=word):
             validate_result(bad)

@@ -15,7 +15,7 @@ from monai.networks.blocks import UnetResBlock, UnetrUpBlock
 from dkuxnet.bench import saved_tensor_bytes
 from dkuxnet.config import ModelConfig, get_preset
 from dkuxnet.models import DKUXNet, ModelOutput, TwoNetworks, VNet, create_model, hard_assignment, kmeans_update, model_info
-from dkuxnet.models.dkuxnet import authors_dead_parts, parts
+from dkuxnet.models.dkuxnet import authors_dead_parts, named_parts, parts
 from dkuxnet.models.blocks import LayerNorm3d, ResBlock3d, UpBlock3d
 
 SHAPE = (32, 16, 16)  # small patch the 4-stage tiny model accepts (bottleneck grid 2×1×1)
@@ -319,3 +319,16 @@ def test_float64_model_stays_float64_and_agrees_with_float32():
         a, b = getattr(low, name), getattr(high, name)
         assert b.dtype == torch.float64, name  # the fp32 islands upcast, never downcast
         assert ((a.double() - b).norm() / b.norm()).item() < 1e-4, name
+
+
+def test_part_names_follow_the_method_page():
+    """named_parts / authors_dead_parts keys are the names the book and model-info use (paper: 3 kMaX scales)."""
+    with torch.device("meta"):
+        model = create_model(get_preset("paper").model)
+    names = list(named_parts(model))
+    assert names[:11] == ["encoder", "enc1", "enc2", "enc3", "enc4", "enc5", "dec3", "dec2", "dec1", "dec0", "kmax.dec3.0"]
+    assert names[11:] == ["kmax.dec3.1", "kmax.dec2.0", "kmax.dec2.1", "kmax.dec1.0", "kmax.dec1.1", "mask_embedding",
+                          "predictor", "mlp"]
+    assert list(authors_dead_parts(get_preset("paper").model)) == [
+        "grn", "conv_head", "unused_kmax_layers", "kmax_class_heads", "class_embedding", "final_class_head",
+    ]
