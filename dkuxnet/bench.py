@@ -203,7 +203,8 @@ def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = 
     return sum(saved_tensor_bytes_by_part(fn, {}, exclude).values())
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); timing code only, never the training step."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -237,10 +238,10 @@ def timed_calls(fn: Callable[[], Any], device: torch.device, steps: int, seconds
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < steps and not (times and time.perf_counter() - start + times[-1] / 1000 > seconds):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(1000 * (time.perf_counter() - t0))
     return times
 
@@ -263,11 +264,11 @@ def measure(
     counter = FlopCounterMode(display=False) if count_flops else None
     with counter or contextlib.nullcontext():
         step()
-    _sync(device)
+    synchronize(device)
     first_s = time.perf_counter() - t0
     for _ in range(budget.warmup - 1):
         step()
-    _sync(device)
+    synchronize(device)
     peak_warmup = _peak_gib(device)
     _reset_peak(device)
     times = timed_calls(step, device, budget.steps, budget.row_seconds)
@@ -295,7 +296,7 @@ def profile_call(fn: Callable[[], Any], device: torch.device, top: int = PROFILE
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with torch_profile(activities=activities, record_shapes=True) as prof:
         fn()
-        _sync(device)
+        synchronize(device)
     events = prof.key_averages(group_by_input_shape=True)
 
     def self_us(e: Any) -> float:
@@ -317,19 +318,17 @@ def profile_call(fn: Callable[[], Any], device: torch.device, top: int = PROFILE
     }
 
 
-def _bench_data(cfg: Config, device: torch.device, data_dir: Path | None) -> tuple[VolumeBank, int, torch.Tensor]:
-    """Bank (labeled first) + number labeled + one test volume, synthetic or from ``data_dir``."""
+def _bench_data(cfg: Config, device: torch.device, data_dir: Path | None) -> tuple[VolumeBank, int]:
+    """Bank (labeled first) + number labeled, synthetic or the first cases of ``data_dir``."""
     if data_dir is None:
-        bank = synthetic_bank(scaled_shape(cfg.data.patch_size), 2 * SYNTHETIC_CASES, device)
-        return bank, SYNTHETIC_CASES, bank.images[0][0]
+        return synthetic_bank(scaled_shape(cfg.data.patch_size), 2 * SYNTHETIC_CASES, device), SYNTHETIC_CASES
     split = make_split(Path(data_dir), labeled_num=SYNTHETIC_CASES)
     ids = split.labeled + split.unlabeled[:SYNTHETIC_CASES]
-    bank = VolumeBank.load(Path(data_dir), ids, progress=False).to(device)
-    image, _ = read_case(Path(data_dir), split.test[0])
-    return bank, len(split.labeled), torch.from_numpy(image)
+    return VolumeBank.load(Path(data_dir), ids, progress=False).to(device), len(split.labeled)
 
 
 def _test_volume(cfg: Config, device: torch.device, data_dir: Path | None) -> torch.Tensor:
+    """One LA-shaped inference volume: synthetic, or the first test case of ``data_dir``."""
     if data_dir is None:
         return synthetic_bank(scaled_shape(cfg.data.patch_size), 1, device).images[0][0]
     image, _ = read_case(Path(data_dir), make_split(Path(data_dir), labeled_num=1).test[0])
@@ -347,7 +346,7 @@ def _inference(model: torch.nn.Module, volume: torch.Tensor, cfg: Config, device
     with torch.inference_mode(), _amp(cfg, device):
         for batch in sorted({min(INFER_BATCH, n), n % INFER_BATCH} - {0}):
             model(torch.zeros((batch, 1, *patch), device=device))
-    _sync(device)
+    synchronize(device)
     warmup_s = time.perf_counter() - t0
     model.train(was_training)
     seconds = [ms / 1000 for ms in timed_calls(
@@ -367,14 +366,14 @@ def _flop_rates(result: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _step_row(row: Row, cfg: Config, device: torch.device, budget: Budget, data_dir: Path | None,
               profile: bool) -> dict[str, Any]:
-    bank, n_labeled, volume = _bench_data(cfg, device, data_dir)
+    bank, n_labeled = _bench_data(cfg, device, data_dir)
     run = build_run(cfg, bank, n_labeled, device)
     result = measure(lambda: train_step(run), device, budget, count_flops=not cfg.train.compile, profile=profile)
     views, n_lab, n_unl = cfg.data.views, cfg.data.labeled_bs, effective_unlabeled_bs(cfg)
     result |= _flop_rates(result, device) | {
         "batch": {"views": views, "labeled": n_lab, "unlabeled": n_unl, "volumes": views * (n_lab + n_unl)}}
     if row.infer:
-        result |= _inference(run.model, volume, cfg, device, budget)
+        result |= _inference(run.model, _test_volume(cfg, device, data_dir), cfg, device, budget)
     return result
 
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dkuxnet.bench import run_bench, synthetic_bank
+from dkuxnet.bench import run_bench, synchronize, synthetic_bank
 from dkuxnet.checkpoint import load_checkpoint, model_from_state
 from dkuxnet.config import PRESETS, get_preset
 from dkuxnet.data.la import read_case, read_list
@@ -369,10 +369,10 @@ def loop_vs_batched(model: torch.nn.Module, data_dir: Path, case: str, patch: tu
     masks, seconds = {}, {}
     for name, run in runs.items():
         with true_fp32() if name != "batched_bf16" else contextlib.nullcontext():
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             masks[name] = run() > 0.5
-            _sync(device)
+            synchronize(device)
             seconds[name] = time.perf_counter() - t0
     loop = masks["loop"]
     row: dict[str, Any] = {"case": case, "foreground_voxels": int(loop.sum()), "loop_s": seconds["loop"]}
@@ -417,11 +417,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two boolean masks (1.0 when both are empty)."""
     denom = int(a.sum() + b.sum())
     return 2 * int((a & b).sum()) / denom if denom else 1.0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _now() -> str:
