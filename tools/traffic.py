@@ -14,7 +14,7 @@ tensors does this step make", before and after a rewrite, on a machine without a
 
     python tools/traffic.py --preset paper --out results/perf/traffic_meta.json
 
-``--peak`` follows the live memory instead (storages from creation to release) and prints what is alive at
+``--peak`` follows the live memory instead (storages from creation until they are freed) and prints what is alive at
 the step's peak, by the op and source line (or backward node) that created it: where the peak memory is.
 """
 
