@@ -80,7 +80,7 @@ KINDS = ("step", "fwdbwd", "infer")
 # opt-in rows (--variants): name -> (preset, or None for the default rows' preset; label; dotted changes)
 VARIANTS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
     "channels-last": (None, "channels_last_3d", {"train.channels_last": True}),
-    "depthwise-channels-last": (None, "depthwise convolutions channels_last", {"model.depthwise_layout": "channels_last"}),
+    "depthwise-channels-last": (None, "depthwise convolutions channels_last", {"model.depthwise_conv": "channels_last"}),
     "batch-1+1": (None, "batch 1+1 per view", {"data.labeled_bs": 1, "data.unlabeled_bs": 1}),
     "compile": (None, "torch.compile", {"train.compile": True}),
     "fp32": (None, "fp32", {"train.precision": "fp32"}),

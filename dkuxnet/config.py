@@ -52,7 +52,7 @@ class ModelConfig:
     seg_head: str = "query"  # [decision] "query": Y = Σ Φ·S is the segmentation; "conv": a conv head on dec0 (official script)
     two_networks: bool = False  # [decision] False: one shared-weight network for both views; True: one per view
     checkpoint_activations: bool = True  # recompute the large-grid blocks in backward (same math, ~1/2 the memory)
-    depthwise_layout: str = "native"  # depthwise conv inputs: "native" (as they arrive) or "channels_last" (cuDNN)
+    depthwise_conv: str = "auto"  # depthwise convs: "auto" (fft on CPU, native elsewhere), "native", "channels_last", "fft"
     vnet_filters: int = 16  # base width of the V-Net (arch="vnet")
     vnet_dropout: bool = True  # Dropout3d(0.5) in training, as UA-MT's has_dropout=True
 
@@ -82,6 +82,7 @@ class DataConfig:
     """Sampling, views and augmentation (protocol.md 1.6, method.md 5.3)."""
 
     patch_size: tuple[int, int, int] = (112, 112, 80)
+    resample: int = 1  # integer downsampling factor at load time (image: mean pooling, label: majority vote)
     label_ratio: float | None = 0.1  # of the 80 train cases; 0.05 / 0.1 / 0.2 / 1.0 -> 4 / 8 / 16 / 80
     labeled_num: int | None = None  # overrides label_ratio when set
     labeled_bs: int = 2
@@ -113,6 +114,7 @@ class TrainConfig:
     deterministic: bool = False  # cudnn.deterministic; off for speed
     log_every: int = 20  # JSONL metrics line every N iterations (one host sync per N)
     checkpoint_every: int = 500  # atomic checkpoint every N iterations (and at the end)
+    bn_recompute_batches: int = 0  # [ours] after training, recompute BN running stats over N weak-view batches; 0 = off
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        d = _migrate(d)
         parts = {}
         for name, sub in (("model", ModelConfig), ("loss", LossConfig), ("data", DataConfig), ("train", TrainConfig)):
             parts[name] = _build(sub, d.get(name, {}), name)
@@ -152,6 +155,20 @@ class Config:
                 raise ValueError(f"unknown config field {key!r}")
             d[section][name] = _plain(value)
         return Config.from_dict(d)
+
+
+# fields renamed since configs were first stored (checkpoints, results): old dotted name -> new one
+RENAMED_FIELDS = {"model.depthwise_layout": "model.depthwise_conv"}
+
+
+def _migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with renamed fields (:data:`RENAMED_FIELDS`) under their new names; values are kept."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for old, new in RENAMED_FIELDS.items():
+        (s_old, f_old), (s_new, f_new) = old.split("."), new.split(".")
+        if isinstance(out.get(s_old), dict) and f_old in out[s_old]:
+            out.setdefault(s_new, {}).setdefault(f_new, out[s_old].pop(f_old))
+    return out
 
 
 def _plain(x: Any) -> Any:

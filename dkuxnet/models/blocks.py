@@ -37,21 +37,6 @@ class LayerNorm3d(nn.LayerNorm):
         return y.permute(0, 4, 1, 2, 3)  # B×C×X×Y×Z
 
 
-DEPTHWISE_LAYOUTS = ("native", "channels_last")
-
-
-def depthwise_input(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """The input of a depthwise conv in the memory layout ``layout`` asks for (same values either way).
-
-    ``"native"`` leaves it as it arrives: a contiguous B×C×X×Y×Z tensor then runs PyTorch's own
-    ``conv_depthwise3d`` kernel on CUDA, a channels-last one cuDNN. ``"channels_last"`` makes it
-    ``channels_last_3d``, which PyTorch always hands to cuDNN (one transposing copy when it was contiguous).
-    """
-    if layout not in DEPTHWISE_LAYOUTS:
-        raise ValueError(f"depthwise_layout must be one of {DEPTHWISE_LAYOUTS}, got {layout!r}")
-    return x.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last" else x
-
-
 def _instance_norm(x: torch.Tensor) -> torch.Tensor:
     return F.instance_norm(x, eps=1e-5)
 

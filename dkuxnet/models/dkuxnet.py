@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 from dkuxnet.config import ModelConfig
-from dkuxnet.models.blocks import DEPTHWISE_LAYOUTS, ResBlock3d, UpBlock3d, maybe_checkpoint
+from dkuxnet.models.blocks import ResBlock3d, UpBlock3d, maybe_checkpoint
+from dkuxnet.models.depthwise import DEPTHWISE_CONVS
 from dkuxnet.models.kmax import AssignmentHead, ConvBN, KMaXLayer, trunc_normal_
 from dkuxnet.models.uxnet import UXNetEncoder
 from dkuxnet.precision import fp32_island, upcast
@@ -107,8 +108,8 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(
             f"kmax_scales must be in [1, {len(cfg.widths) - 1}] for {len(cfg.widths)} stages, got {cfg.kmax_scales}"
         )
-    if cfg.depthwise_layout not in DEPTHWISE_LAYOUTS:
-        raise ValueError(f"depthwise_layout must be one of {DEPTHWISE_LAYOUTS}, got {cfg.depthwise_layout!r}")
+    if cfg.depthwise_conv not in DEPTHWISE_CONVS:
+        raise ValueError(f"model.depthwise_conv must be one of {DEPTHWISE_CONVS}, got {cfg.depthwise_conv!r}")
     if cfg.seg_head not in SEG_HEADS:
         raise ValueError(f"seg_head must be one of {SEG_HEADS}, got {cfg.seg_head!r}")
     if not cfg.query_groups or min(cfg.query_groups) < 1 or sum(cfg.query_groups) != cfg.num_queries:
@@ -132,7 +133,7 @@ class DKUXNet(nn.Module):
         self.num_classes, self.num_queries = cfg.num_classes, cfg.num_queries
         self.layers_per_scale = cfg.kmax_layers_per_scale
         self.checkpoint_activations = cfg.checkpoint_activations
-        self.encoder = UXNetEncoder(cfg.in_channels, w, cfg.depths, cfg.depthwise_layout)
+        self.encoder = UXNetEncoder(cfg.in_channels, w, cfg.depths, cfg.depthwise_conv)
         # enc1 (raw input, full resolution), enc2…enc_L (stage outputs), last = bottleneck (hidden)
         self.encoders = nn.ModuleList(
             ResBlock3d(c_in, c_out) for c_in, c_out in zip((cfg.in_channels, *w), (*w, cfg.hidden))
@@ -140,7 +141,7 @@ class DKUXNet(nn.Module):
         # coarse to fine: dec_{L-1} (stride 2^(L-1)) … dec0 (full resolution)
         self.decoders = nn.ModuleList(UpBlock3d(c_in, c_out) for c_in, c_out in zip((cfg.hidden, *w[:0:-1]), w[::-1]))
         self.kmax = nn.ModuleList(
-            KMaXLayer(w[-1 - s], c, cfg.embed_dim, cfg.num_heads, cfg.ffn_dim, cfg.depthwise_layout)
+            KMaXLayer(w[-1 - s], c, cfg.embed_dim, cfg.num_heads, cfg.ffn_dim, cfg.depthwise_conv)
             for s in range(cfg.kmax_scales)
             for _ in range(cfg.kmax_layers_per_scale)
         )
@@ -151,7 +152,7 @@ class DKUXNet(nn.Module):
         self.cluster_centers = nn.Parameter(torch.empty(c, cfg.num_queries))  # C×N
         trunc_normal_(self.cluster_centers, 1.0)
         self.mask_embed = ConvBN(c, c, 1, act=True)
-        self.predictor = AssignmentHead(w[0], c, cfg.embed_dim, cfg.depthwise_layout)
+        self.predictor = AssignmentHead(w[0], c, cfg.embed_dim, cfg.depthwise_conv)
         # the authors' conv head (``decoder1`` ResBlock + 1³ ``out`` conv on dec0), built for seg_head="conv"
         self.conv_head = (
             nn.Sequential(ResBlock3d(w[0], w[0]), nn.Conv3d(w[0], cfg.num_classes, 1)) if cfg.seg_head == "conv" else None

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dkuxnet.models.blocks import depthwise_input, maybe_checkpoint, replayed
+from dkuxnet.models.blocks import maybe_checkpoint, replayed
+from dkuxnet.models.depthwise import DepthwiseConv3d
 from dkuxnet.ops import l2_normalize
 from dkuxnet.precision import fp32_island, upcast
 
@@ -123,7 +124,7 @@ class ConvBN(nn.Module):
         act: apply GELU after the norm.
         std: truncated-normal weight std; ``None`` = √(2 / in_channels); ``0`` = xavier-uniform.
         gamma: initial BatchNorm weight (0 for the residual branches).
-        depthwise_layout: memory layout of a depthwise conv's input (:func:`~dkuxnet.models.blocks.depthwise_input`).
+        depthwise_conv: implementation of a depthwise conv (:class:`~dkuxnet.models.depthwise.DepthwiseConv3d`).
     """
 
     def __init__(
@@ -138,15 +139,16 @@ class ConvBN(nn.Module):
         act: bool = False,
         std: float | None = None,
         gamma: float = 1.0,
-        depthwise_layout: str = "native",
+        depthwise_conv: str = "auto",
     ) -> None:
         super().__init__()
-        self.depthwise_layout = depthwise_layout if depthwise else "native"
-        conv = nn.Conv1d if dims == 1 else nn.Conv3d
-        self.conv = conv(
-            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias,
-            groups=in_channels if depthwise else 1,
-        )
+        if depthwise:
+            if dims != 3 or out_channels != in_channels:
+                raise ValueError("a depthwise ConvBN needs dims=3 and out_channels == in_channels")
+            self.conv: nn.Module = DepthwiseConv3d(in_channels, kernel_size, bias=bias, impl=depthwise_conv)
+        else:
+            conv = nn.Conv1d if dims == 1 else nn.Conv3d
+            self.conv = conv(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
         self.norm = _batch_norm(dims, out_channels)
         self.act = act
         if std == 0:
@@ -158,7 +160,7 @@ class ConvBN(nn.Module):
         nn.init.constant_(self.norm.weight, gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.conv(depthwise_input(x, self.depthwise_layout)))
+        x = self.norm(self.conv(x))
         return F.gelu(x) if self.act else x
 
 
@@ -218,14 +220,14 @@ class AssignmentHead(nn.Module):
         pixel_channels: C_in of the pixel feature.
         query_dim: C, width of the queries and of the pixel head's hidden layer (C_h).
         embed_dim: E, width of pixel keys and query kernels.
-        depthwise_layout: memory layout of the 5³ depthwise conv's input.
+        depthwise_conv: implementation of the 5³ depthwise conv.
     """
 
-    def __init__(self, pixel_channels: int, query_dim: int, embed_dim: int, depthwise_layout: str = "native") -> None:
+    def __init__(self, pixel_channels: int, query_dim: int, embed_dim: int, depthwise_conv: str = "auto") -> None:
         super().__init__()
         self.pixel_dw = ConvBN(
             pixel_channels, pixel_channels, 3, kernel_size=5, depthwise=True, act=True, std=0,
-            depthwise_layout=depthwise_layout,
+            depthwise_conv=depthwise_conv,
         )
         self.pixel_conv = ConvBN(pixel_channels, query_dim, 3, act=True)
         self.pixel_out = ConvBN(query_dim, embed_dim, 3, bias=True, std=0.01)
@@ -296,18 +298,18 @@ class KMaXLayer(nn.Module):
         embed_dim: E, affinity width (also the total q/k width of the self-attention).
         num_heads: self-attention heads.
         ffn_dim: hidden width of the query FFN.
-        depthwise_layout: memory layout of the assignment head's depthwise conv input.
+        depthwise_conv: implementation of the assignment head's depthwise conv.
     """
 
     def __init__(
         self, pixel_channels: int, query_dim: int, embed_dim: int, num_heads: int, ffn_dim: int,
-        depthwise_layout: str = "native",
+        depthwise_conv: str = "auto",
     ) -> None:
         super().__init__()
         self.pixel_conv = ConvBN(pixel_channels, query_dim, 3, act=True)
         self.pixel_value = ConvBN(query_dim, query_dim, 3, std=query_dim**-0.5)
         self.query_conv = ConvBN(query_dim, query_dim, 1, act=True)
-        self.head = AssignmentHead(query_dim, query_dim, embed_dim, depthwise_layout)
+        self.head = AssignmentHead(query_dim, query_dim, embed_dim, depthwise_conv)
         self.kmeans_norm = _batch_norm(1, query_dim)
         self.kmeans_proj = ConvBN(query_dim, query_dim, 1, gamma=0.0)
         self.attention = QueryAttention(query_dim, embed_dim, num_heads)

@@ -19,23 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dkuxnet.models.blocks import LayerNorm3d, depthwise_input
+from dkuxnet.models.blocks import LayerNorm3d
+from dkuxnet.models.depthwise import DepthwiseConv3d
 
 
 class UXBlock(nn.Module):
     """x + γ ⊙ pw2(GELU(pw1(LN(dwconv7³(x))))), pw1: C→4C and pw2: 4C→C 1×1×1 convs with groups = C."""
 
-    def __init__(self, dim: int, layer_scale_init: float = 1e-6, depthwise_layout: str = "native") -> None:
+    def __init__(self, dim: int, layer_scale_init: float = 1e-6, depthwise_conv: str = "auto") -> None:
         super().__init__()
-        self.depthwise_layout = depthwise_layout
-        self.dwconv = nn.Conv3d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.dwconv = DepthwiseConv3d(dim, 7, impl=depthwise_conv)
         self.norm = LayerNorm3d(dim)
         self.pwconv1 = nn.Conv3d(dim, 4 * dim, kernel_size=1, groups=dim)
         self.pwconv2 = nn.Conv3d(4 * dim, dim, kernel_size=1, groups=dim)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.pwconv1(self.norm(self.dwconv(depthwise_input(x, self.depthwise_layout))))  # B×4C×X×Y×Z
+        y = self.pwconv1(self.norm(self.dwconv(x)))  # B×4C×X×Y×Z
         y = self.pwconv2(F.gelu(y))  # B×C×X×Y×Z
         return x + self.gamma.view(1, -1, 1, 1, 1) * y
 
@@ -50,11 +50,11 @@ class UXNetEncoder(nn.Module):
         in_channels: input channels.
         widths: channels per stage.
         depths: UX blocks per stage.
-        depthwise_layout: memory layout of the 7³ depthwise conv inputs (:func:`~dkuxnet.models.blocks.depthwise_input`).
+        depthwise_conv: implementation of the 7³ depthwise convs (:class:`~dkuxnet.models.depthwise.DepthwiseConv3d`).
     """
 
     def __init__(
-        self, in_channels: int, widths: Sequence[int], depths: Sequence[int], depthwise_layout: str = "native"
+        self, in_channels: int, widths: Sequence[int], depths: Sequence[int], depthwise_conv: str = "auto"
     ) -> None:
         super().__init__()
         if len(widths) != len(depths):
@@ -64,7 +64,7 @@ class UXNetEncoder(nn.Module):
         self.downsample = nn.ModuleList([stem])
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             self.downsample.append(nn.Sequential(LayerNorm3d(c_in), nn.Conv3d(c_in, c_out, kernel_size=2, stride=2)))
-        self.stages = nn.ModuleList(nn.Sequential(*[UXBlock(w, depthwise_layout=depthwise_layout) for _ in range(d)]) for w, d in zip(widths, depths))
+        self.stages = nn.ModuleList(nn.Sequential(*[UXBlock(w, depthwise_conv=depthwise_conv) for _ in range(d)]) for w, d in zip(widths, depths))
         self.norms = nn.ModuleList(LayerNorm3d(w) for w in widths)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
