@@ -1,8 +1,15 @@
-"""Evaluate a model or a checkpoint on an LA-layout test list (protocol.md §2.5).
+"""Evaluate a model or a checkpoint on an LA-layout test list (the LA evaluation protocol).
 
 Per case: whole-volume probabilities (protocol grid or fast MONAI mode), binary foreground
 ``argmax ≠ 0`` (for two classes the same as p₁ > 0.5), medpy metrics (:mod:`dkuxnet.metrics`), and
 optionally the same metrics after keeping the largest connected component (columns ``*_lcc``).
+
+A model trained on downsampled data (``data.resample`` = f > 1, the ``cpu`` preset) is evaluated on the
+same grid it was trained on and scored on the original one: the image is mean-pooled by f, the sliding
+window runs on it with the protocol stride divided by f (:func:`protocol_stride`: the same stride in mm;
+(9, 9, 2) at ½ resolution), the class probabilities are interpolated trilinearly back to the original
+grid (:func:`dkuxnet.data.resample.upsample_probs`, which also states how odd sizes are handled), and
+the mask is scored against the original full-resolution label with the unchanged metrics (0.625 mm).
 :func:`evaluate_checkpoint` writes ``per_case.csv`` and ``summary.json`` (atomically) with the
 provenance needed to quote the numbers.
 """
@@ -22,6 +29,7 @@ from tqdm.auto import tqdm
 
 from dkuxnet.checkpoint import load_checkpoint, model_from_state
 from dkuxnet.data.la import make_split, read_case, read_list
+from dkuxnet.data.resample import downsample_image, upsample_probs
 from dkuxnet.errors import DataError
 from dkuxnet.inference import predict_fast, predict_protocol, resolve_device
 from dkuxnet.metrics import case_metrics, largest_connected_component, summarize
@@ -32,6 +40,13 @@ PROTOCOL_STRIDE = (18, 18, 4)
 FAST_OVERLAP = 0.5
 
 
+def protocol_stride(resample: int = 1) -> tuple[int, int, int]:
+    """The protocol's window stride on a grid downsampled by ``resample``: ⌈(18, 18, 4) / f⌉, the same in mm."""
+    if resample < 1:
+        raise ValueError(f"resample must be ≥ 1, got {resample}")
+    return tuple(-(-s // resample) for s in PROTOCOL_STRIDE)  # type: ignore[return-value]
+
+
 def predict_mask(
     model: nn.Module,
     image: np.ndarray,
@@ -40,18 +55,25 @@ def predict_mask(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     amp: bool = True,
+    resample: int = 1,
 ) -> np.ndarray:
-    """Binary foreground mask (X, Y, Z) bool of one volume: ``argmax_K p ≠ 0``.
+    """Binary foreground mask (X, Y, Z) bool of one volume, on its original grid: ``argmax_K p ≠ 0``.
 
-    ``mode="protocol"`` uses the UA-MT grid (stride 18/18/4), ``"fast"`` MONAI with overlap 0.5 and
-    Gaussian blending. Only the mask is copied to the host.
+    ``mode="protocol"`` uses the UA-MT grid (stride :func:`protocol_stride`), ``"fast"`` MONAI with
+    overlap 0.5 and Gaussian blending. With ``resample`` = f > 1 the window runs on the mean-pooled image
+    and the probabilities are interpolated back (see the module docstring). Only the mask is copied to
+    the host.
     """
+    small = downsample_image(image, resample)
     if mode == "protocol":
-        prob = predict_protocol(model, image, patch, PROTOCOL_STRIDE, batch_size=batch_size, device=device, amp=amp)
+        prob = predict_protocol(
+            model, small, patch, protocol_stride(resample), batch_size=batch_size, device=device, amp=amp
+        )
     elif mode == "fast":
-        prob = predict_fast(model, image, patch, overlap=FAST_OVERLAP, batch_size=batch_size, device=device, amp=amp)
+        prob = predict_fast(model, small, patch, overlap=FAST_OVERLAP, batch_size=batch_size, device=device, amp=amp)
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    prob = upsample_probs(prob, resample, tuple(np.shape(image)))  # K×X×Y×Z
     return (prob.argmax(0) != 0).cpu().numpy()  # X×Y×Z
 
 
@@ -68,6 +90,7 @@ def evaluate_model(
     progress: bool = True,
     save_dir: Path | None = None,
     save_predictions: int = 0,
+    resample: int = 1,
 ) -> list[dict[str, Any]]:
     """Per-case metrics of ``model`` on the cases ``ids`` (default: ``data_dir/test.list``).
 
@@ -84,6 +107,7 @@ def evaluate_model(
         progress: tqdm progress bar.
         save_dir: folder for saved predictions (``<case>.npz`` with a uint8 array ``pred``).
         save_predictions: how many cases (the first ones) to save; needs ``save_dir``.
+        resample: the factor the model was trained at (``data.resample``); masks are scored at full resolution.
 
     Returns:
         One dict per case: ``case``, the keys of :func:`dkuxnet.metrics.case_metrics`, ``seconds``
@@ -99,7 +123,7 @@ def evaluate_model(
     for i, case_id in enumerate(tqdm(ids, desc=f"evaluate ({mode})", disable=not progress)):
         image, label = read_case(data_dir, case_id)
         start = time.perf_counter()
-        mask = predict_mask(model, image, mode, patch, batch_size=batch_size, device=device, amp=amp)
+        mask = predict_mask(model, image, mode, patch, batch_size=batch_size, device=device, amp=amp, resample=resample)
         row: dict[str, Any] = {"case": case_id, **case_metrics(mask, label), "seconds": time.perf_counter() - start}
         if lcc:
             row.update({f"{k}_lcc": v for k, v in case_metrics(largest_connected_component(mask), label).items()})
@@ -121,10 +145,12 @@ def evaluate_checkpoint(
     batch_size: int = 4,
     amp: bool = True,
     save_predictions: int = 0,
+    ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on ``data_dir/test.list``; write ``per_case.csv`` and ``summary.json``.
 
-    The window size is the checkpoint config's ``data.patch_size``.
+    The window size is the checkpoint config's ``data.patch_size``, the grid its ``data.resample``
+    (the masks are scored on the original grid either way).
 
     Args:
         checkpoint: checkpoint file (:mod:`dkuxnet.checkpoint` format).
@@ -137,6 +163,7 @@ def evaluate_checkpoint(
         batch_size: windows per forward pass.
         amp: bf16 autocast on CUDA.
         save_predictions: save the masks of the first N cases to ``out_dir/predictions/<case>.npz``.
+        ids: case IDs to evaluate; ``None`` = every line of ``test.list``.
 
     Returns:
         The summary written to ``summary.json``.
@@ -151,11 +178,13 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     state = load_checkpoint(checkpoint)
     model, cfg = model_from_state(state, dev, name=str(checkpoint))
-    ids = read_list(data_dir / "test.list")
-    patch = tuple(cfg.data.patch_size)
+    if cfg.train.channels_last:  # the layout it trained in (faster windows on the CPU, same values)
+        model = model.to(memory_format=torch.channels_last_3d)
+    ids = list(ids) if ids is not None else read_list(data_dir / "test.list")
+    patch, resample = tuple(cfg.data.patch_size), cfg.data.resample
     rows = evaluate_model(
         model, data_dir, ids, mode=mode, patch=patch, batch_size=batch_size, device=dev, amp=amp, lcc=lcc,
-        progress=progress, save_dir=out_dir / "predictions", save_predictions=save_predictions,
+        progress=progress, save_dir=out_dir / "predictions", save_predictions=save_predictions, resample=resample,
     )
     seconds = [r["seconds"] for r in rows]
     summary = {
@@ -164,7 +193,8 @@ def evaluate_checkpoint(
         "lcc": summarize(rows, suffix="_lcc") if lcc else None,
         "seconds_per_volume": float(np.mean(seconds)),
         "seconds_total": float(np.sum(seconds)),
-        "window": {"patch": list(patch), "stride": list(PROTOCOL_STRIDE) if mode == "protocol" else None,
+        "resample": resample,
+        "window": {"patch": list(patch), "stride": list(protocol_stride(resample)) if mode == "protocol" else None,
                    "overlap": FAST_OVERLAP if mode == "fast" else None, "batch_size": batch_size,
                    "amp": bool(amp and dev.type == "cuda")},
         "device": device_name(dev),

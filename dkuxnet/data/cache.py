@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dkuxnet.data.la import case_path, read_case
+from dkuxnet.data.resample import downsample_image, downsample_label
 from dkuxnet.fileio import atomic_path, write_text_atomic
 
 FORMAT = 1
@@ -179,9 +180,13 @@ class VolumeBank:
 
     @classmethod
     def load(
-        cls, root: Path, ids: list[str], cache_dir: Path | None = None, progress: bool = True
+        cls, root: Path, ids: list[str], cache_dir: Path | None = None, progress: bool = True, resample: int = 1
     ) -> VolumeBank:
         """Load cases through the on-disk cache, building missing or stale entries.
+
+        With ``resample`` = f > 1 the bank holds only the downsampled volumes
+        (:mod:`dkuxnet.data.resample`: mean-pooled images, majority-vote labels); the cache keeps the
+        original ones.
 
         Args:
             root: LA-layout data folder.
@@ -189,6 +194,7 @@ class VolumeBank:
             cache_dir: cache folder; default :func:`resolve_cache_dir` (``<root>/.dkuxnet_cache``,
                 or a user cache folder when ``root`` is read-only).
             progress: tqdm progress bar over cases.
+            resample: integer downsampling factor (``data.resample``); 1 keeps the original grid.
 
         Raises:
             DataError: a case that has to be (re)built is missing or invalid.
@@ -207,8 +213,8 @@ class VolumeBank:
                 image, label, meta = _build(folder, root, case_id)  # DataError when path is bad
                 built[case_id] = {**_source_key(path), **meta}
                 pair = image, label
-            images.append(torch.from_numpy(pair[0]).unsqueeze(0))  # 1×X×Y×Z
-            labels.append(torch.from_numpy(pair[1]))  # X×Y×Z
+            images.append(downsample_image(pair[0], resample).unsqueeze(0))  # 1×X×Y×Z
+            labels.append(downsample_label(pair[1], resample))  # X×Y×Z
         if built:
             _write_index(folder, built)
         return cls(ids=list(ids), images=images, labels=labels)
