@@ -10,6 +10,11 @@ A checkpoint is one ``torch.save`` file holding a plain dict (format ``dkuxnet-c
     rng         optional, random-generator states (tensors / plain Python values)
     sampler     optional, sampler.state_dict()
     provenance  optional, dict of plain values (git commit, device, wall time, ...)
+    bn_recomputed  optional, {"buffers": {name: tensor}, "record": {...}}: the BatchNorm running statistics
+                recomputed with the final weights (dkuxnet.precise_bn) under their state_dict names (every
+                running_mean / running_var / num_batches_tracked), and how (batches, seed,
+                volumes_per_batch, cases). ``model`` keeps the training EMA statistics, so a resumed run
+                continues exactly; :func:`model_from_state` loads the recomputed ones by default.
 
 Only tensors and plain Python values are allowed, so the file loads with
 ``torch.load(weights_only=True)`` (no arbitrary code runs when a checkpoint is opened). Writes go to
@@ -35,7 +40,8 @@ from dkuxnet.fileio import atomic_path
 
 FORMAT = "dkuxnet-checkpoint-v1"
 REQUIRED_KEYS = ("format", "config", "model", "iteration")
-OPTIONAL_KEYS = ("optimizer", "rng", "sampler", "provenance")
+OPTIONAL_KEYS = ("optimizer", "rng", "sampler", "provenance", "bn_recomputed")
+BN_STATS = ("auto", "ema", "recomputed")  # which BatchNorm statistics model_from_state loads
 
 _LEAVES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)  # exact types, not subclasses
 _CONTAINERS = (dict, OrderedDict, list, tuple, set, torch.Size)
@@ -145,23 +151,49 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu", name: str = "checkpoint"
-                     ) -> tuple[nn.Module, Config]:
+def bn_stats_used(state: dict[str, Any], bn_stats: str = "auto", name: str = "checkpoint") -> str:
+    """Which BatchNorm statistics :func:`model_from_state` loads: ``"recomputed"`` or ``"ema"``.
+
+    ``"auto"``: the recomputed ones when the checkpoint holds ``bn_recomputed``, else the training EMA;
+    ``"ema"``: the training EMA; ``"recomputed"``: the recomputed ones, which must be present.
+
+    Raises:
+        ValueError: ``bn_stats`` is not one of :data:`BN_STATS`.
+        CheckpointError: ``"recomputed"`` is asked for and the checkpoint has none.
+    """
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+    has = "bn_recomputed" in state
+    if bn_stats == "recomputed" and not has:
+        raise CheckpointError(
+            f"{name} holds no recomputed BatchNorm statistics (no 'bn_recomputed'; train with "
+            f"train.bn_recompute_batches > 0, or use bn_stats='ema')"
+        )
+    return "recomputed" if bn_stats == "recomputed" or (bn_stats == "auto" and has) else "ema"
+
+
+def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu", name: str = "checkpoint",
+                     bn_stats: str = "auto") -> tuple[nn.Module, Config]:
     """Rebuild the model of a loaded checkpoint dict, in eval mode on ``device``.
 
     Args:
         state: dict returned by :func:`load_checkpoint`.
         device: target device.
         name: how to name the checkpoint in error messages (usually its path).
+        bn_stats: BatchNorm running statistics to load (see :func:`bn_stats_used`): ``"auto"`` (the
+            recomputed ones when present, else the training EMA), ``"ema"`` or ``"recomputed"``.
 
     Returns:
         ``(model, config)``.
 
     Raises:
-        CheckpointError: the stored config is invalid or cannot build a model, or the weights do not fit it.
+        ValueError: ``bn_stats`` is unknown.
+        CheckpointError: the stored config is invalid or cannot build a model, the weights or the recomputed
+            BatchNorm statistics do not fit it, or ``bn_stats="recomputed"`` and the checkpoint has none.
     """
     from dkuxnet.models import create_model
 
+    used = bn_stats_used(state, bn_stats, name)
     try:
         cfg = Config.from_dict(state["config"])
     except (ValueError, TypeError, AttributeError) as exc:
@@ -174,15 +206,31 @@ def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu", 
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{name}: weights do not match the stored config ({_first_line(exc)})") from exc
+    if used == "recomputed":
+        _load_recomputed(model, state["bn_recomputed"], name)
     return model.to(device).eval(), cfg
 
 
-def load_model(path: Path, device: str | torch.device | None = None) -> tuple[nn.Module, Config]:
+def _load_recomputed(model: nn.Module, entry: Any, name: str) -> None:
+    from dkuxnet.precise_bn import load_bn_buffers
+
+    buffers = entry.get("buffers") if isinstance(entry, dict) else None
+    if not isinstance(buffers, dict) or not isinstance(entry.get("record"), dict):
+        raise CheckpointError(f"{name}: 'bn_recomputed' must be a dict with 'buffers' and 'record' dicts")
+    try:
+        load_bn_buffers(model, buffers)
+    except (ValueError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"{name}: recomputed BatchNorm statistics do not fit the model ({exc})") from exc
+
+
+def load_model(path: Path, device: str | torch.device | None = None, bn_stats: str = "auto"
+               ) -> tuple[nn.Module, Config]:
     """Load a checkpoint and rebuild its model with :func:`dkuxnet.models.create_model`.
 
     Args:
         path: checkpoint file.
         device: target device; ``None`` = CUDA when available, else CPU.
+        bn_stats: ``"auto"``, ``"ema"`` or ``"recomputed"`` BatchNorm statistics (:func:`model_from_state`).
 
     Returns:
         ``(model in eval mode on device, config)``.
@@ -192,7 +240,7 @@ def load_model(path: Path, device: str | torch.device | None = None) -> tuple[nn
     """
     from dkuxnet.inference import resolve_device
 
-    return model_from_state(load_checkpoint(path), resolve_device(device), name=str(path))
+    return model_from_state(load_checkpoint(path), resolve_device(device), name=str(path), bn_stats=bn_stats)
 
 
 def _normalize(x: Any, where: str) -> Any:

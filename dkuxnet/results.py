@@ -58,6 +58,9 @@ REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
     "n_failed": (int,),
 }
 _SHORTENED = re.compile(r"^shortened: (\d+) of (\d+) iterations$")
+BN_STATS = ("ema", "recomputed")  # optional field bn_stats: the BatchNorm statistics the evaluated model used
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+OPTIONAL_PROVENANCE = ("bn_stats", "data_sha256")  # copied from the evaluation summary when it has them
 
 
 def paper_results(table: str | None = None) -> list[dict[str, Any]]:
@@ -107,6 +110,17 @@ def validate_result(d: dict[str, Any]) -> None:
         entry = d["metrics"].get(m)
         if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
             raise ValueError(f"result field 'metrics' needs {{'mean', 'std'}} for {m!r}")
+    _check_optional_provenance(d)
+
+
+def _check_optional_provenance(d: dict[str, Any]) -> None:
+    """``bn_stats`` one of :data:`BN_STATS` and ``data_sha256`` a lowercase hex SHA-256 digest, when present."""
+    if "bn_stats" in d and d["bn_stats"] not in BN_STATS:
+        raise ValueError(f"result field 'bn_stats' must be one of {BN_STATS}, got {d['bn_stats']!r}")
+    if "data_sha256" in d and not (isinstance(d["data_sha256"], str) and _SHA256.fullmatch(d["data_sha256"])):
+        raise ValueError(
+            f"result field 'data_sha256' must be a SHA-256 digest (64 lowercase hex digits), got {d['data_sha256']!r}"
+        )
 
 
 def build_result(
@@ -121,7 +135,7 @@ def build_result(
 
     Training provenance comes from the checkpoint's ``provenance`` (keys ``commit`` or ``git_commit``,
     ``device``, ``torch`` or ``torch_version``, ``wall_s``), falling back to the evaluation's own values;
-    the arguments override.
+    the arguments override. ``bn_stats`` and ``data_sha256`` are copied from the summary when it has them.
 
     Args:
         summary: dict returned by :func:`dkuxnet.evaluate.evaluate_checkpoint`.
@@ -163,6 +177,7 @@ def build_result(
         "n_failed": summary["n_failed"],
         "lcc": summary.get("lcc"),
         "notes": notes,
+        **{k: summary[k] for k in OPTIONAL_PROVENANCE if summary.get(k) is not None},
     }
     validate_result(result)
     return result

@@ -26,6 +26,15 @@ Run folder (``out_dir``):
   optimiser, schedule, iteration, every RNG state, sampler state, config, provenance);
 * ``summary.json`` — written at the end, also returned.
 
+Precise BatchNorm statistics: with ``train.bn_recompute_batches = N > 0``, once the run reaches
+``max_iterations`` (not after an interrupt) the BatchNorm running statistics are recomputed with the final
+weights as the average over N weak-view training batches (:mod:`dkuxnet.precise_bn`, seed ``train.seed``)
+and ``last.pt`` is saved again holding both sets: ``model`` with the training EMA statistics (a resume
+continues exactly) and ``bn_recomputed`` with the recomputed ones and their record, which
+``summary.json`` repeats under ``bn_stats``. This happens once per final iteration: training a finished run
+again to the same ``max_iterations`` keeps the stored statistics; resuming it to a larger one drops them
+and recomputes at the new end.
+
 Host syncs happen only at log and checkpoint iterations. A non-finite loss trips a device-side
 flag; the next sync raises :class:`~dkuxnet.errors.NonFiniteLossError` and no checkpoint is ever
 written after a non-finite step, so ``last.pt`` stays the last good one. The first Ctrl-C finishes
@@ -56,6 +65,7 @@ from dkuxnet.engine import (
 )
 from dkuxnet.errors import CheckpointError, NonFiniteLossError
 from dkuxnet.fileio import write_text_atomic
+from dkuxnet.precise_bn import recomputed_bn_state
 
 RESUMABLE_CHANGES = frozenset({"train.max_iterations"})  # the only field a resume may change
 
@@ -65,12 +75,14 @@ def load_training_data(
 ) -> tuple[VolumeBank, int]:
     """Labeled (first) and unlabeled cases of ``make_split(data_dir, …)`` resident on ``device``.
 
-    Unlabeled cases are not loaded when the run uses none (``seg`` ablation, ``unlabeled_bs == 0``).
+    Unlabeled cases are not loaded when the run uses none (``seg`` ablation, ``unlabeled_bs == 0``); with
+    ``data.resample`` > 1 the bank holds the downsampled volumes only.
     Returns the bank and the number of labeled cases at its start.
     """
     split = make_split(Path(data_dir), label_ratio=cfg.data.label_ratio, labeled_num=cfg.data.labeled_num)
     ids = split.labeled + (split.unlabeled if effective_unlabeled_bs(cfg) > 0 else [])
-    return VolumeBank.load(Path(data_dir), ids, progress=progress).to(device), len(split.labeled)
+    bank = VolumeBank.load(Path(data_dir), ids, progress=progress, resample=cfg.data.resample)
+    return bank.to(device), len(split.labeled)
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -102,9 +114,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _check_resumable(ckpt: dict[str, Any], cfg: Config, path: Path) -> None:
-    changed = [f for f in config_diff(ckpt["config"], cfg.to_dict()) if f not in RESUMABLE_CHANGES]
+    stored = Config.from_dict(ckpt["config"]).to_dict()  # fields added since then take their defaults
+    changed = [f for f in config_diff(stored, cfg.to_dict()) if f not in RESUMABLE_CHANGES]
     if changed:
-        old, new = _flat(ckpt["config"]), _flat(cfg.to_dict())
+        old, new = _flat(stored), _flat(cfg.to_dict())
         details = ", ".join(f"{f} (checkpoint {old.get(f)!r}, now {new.get(f)!r})" for f in changed)
         raise CheckpointError(
             f"cannot resume {path}: the config differs from the checkpoint's in {details}; only "
@@ -154,8 +167,10 @@ class _GracefulInterrupt:
 class _Session:
     """Bookkeeping of one ``train`` call: timing, metrics file, checkpoints, the finite guard."""
 
-    def __init__(self, run: Run, out_dir: Path, prior_wall: float, started: str, last_saved: int | None) -> None:
+    def __init__(self, run: Run, out_dir: Path, prior_wall: float, started: str, last_saved: int | None,
+                 bn_recomputed: dict[str, Any] | None = None) -> None:
         self.run, self.out_dir = run, out_dir
+        self.bn_recomputed = bn_recomputed  # the checkpoint's ``bn_recomputed`` entry, valid at max_iterations
         self.ckpt_path, self.metrics_path = out_dir / "last.pt", out_dir / "metrics.jsonl"
         self.prior_wall, self.started, self.last_saved = prior_wall, started, last_saved
         self.t0 = self.t_window = time.perf_counter()
@@ -205,6 +220,8 @@ class _Session:
             "date": _now(), "started": self.started, "wall_s": self.wall(), "seed": cfg.train.seed,
             "preset": cfg.preset, "schedule": schedule_state(cfg.train, self.run.iteration),
         }
+        if self.bn_recomputed is not None:
+            state["bn_recomputed"] = self.bn_recomputed
         save_checkpoint(self.ckpt_path, state)
         self.last_saved = self.run.iteration
 
@@ -263,14 +280,34 @@ def train(
         load_run_state(run, ckpt)
         _truncate_metrics(metrics_path, run.iteration)
         prov = ckpt.get("provenance", {})
-        session = _Session(run, out_dir, float(prov.get("wall_s", 0.0)), prov.get("started", _now()), run.iteration)
+        session = _Session(run, out_dir, float(prov.get("wall_s", 0.0)), prov.get("started", _now()), run.iteration,
+                           _carried_bn_stats(ckpt, cfg))
     else:
         metrics_path.write_text("")
         session = _Session(run, out_dir, 0.0, _now(), None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _loop(session, progress)
+    _recompute_bn_once(session)
     return _write_summary(session)
+
+
+def _carried_bn_stats(ckpt: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
+    """The checkpoint's recomputed BatchNorm statistics if they belong to the end of this run, else None.
+
+    They were computed at the checkpoint's iteration, the end of the run that wrote it; a resume to a
+    larger ``max_iterations`` makes them stale.
+    """
+    return ckpt.get("bn_recomputed") if int(ckpt["iteration"]) == cfg.train.max_iterations else None
+
+
+def _recompute_bn_once(session: _Session) -> None:
+    """Recompute the BatchNorm statistics of the finished run and save ``last.pt`` with them, unless it has them."""
+    run = session.run
+    batches = run.cfg.train.bn_recompute_batches
+    if batches > 0 and session.bn_recomputed is None:
+        session.bn_recomputed = recomputed_bn_state(run, batches, run.cfg.train.seed)
+        session.save()
 
 
 def _loop(session: _Session, progress: bool) -> None:
@@ -312,6 +349,7 @@ def _write_summary(session: _Session) -> dict[str, Any]:
         "date": _now(),
         "out_dir": str(session.out_dir),
         "checkpoint": str(session.ckpt_path),
+        "bn_stats": {"recomputed": session.bn_recomputed["record"] if session.bn_recomputed else None},
         "config": cfg.to_dict(),
     }
     write_json(session.out_dir / "summary.json", summary)
