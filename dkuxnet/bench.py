@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dkuxnet.config import Config, get_preset
 from dkuxnet.data import VolumeBank, make_split, read_case
+from dkuxnet.data.resample import downsample_image
 from dkuxnet.engine import (
     build_run, configure_backends, device_name, effective_unlabeled_bs, git_commit, resolve_device, train_step,
     write_json,
@@ -113,6 +114,28 @@ def default_rows(preset: str) -> list[Row]:
         Row("vnet", "step", "vnet"),
         Row(f"{preset}, protocol inference", "infer", preset),
         Row(f"colab profile ({preset})", "step", preset, dict(COLAB_CHANGES)),
+    ]
+
+
+def cpu_track_rows() -> list[Row]:
+    """The CPU track (``dkuxnet bench --cpu-track``), every row at the ``cpu`` preset's own patch and grid.
+
+    The ``cpu`` step with the fast depthwise conv (its default on the CPU) and with PyTorch's native one,
+    side by side; the same step without ``channels_last_3d``, and with neither (the code before the fast
+    path); the V-Net step (4 volumes, the field's
+    baseline) on the same patch; and protocol inference. Compare steps by ``ms_per_volume``: a DKUXNet
+    step trains 2 views × (2 + 2) = 8 volumes, a V-Net step 4.
+    """
+    cpu = get_preset("cpu").data
+    own = {"data.patch_size": tuple(cpu.patch_size), "data.resample": cpu.resample}
+    return [
+        Row("cpu", "step", "cpu", own),
+        Row("cpu, depthwise native", "step", "cpu", {**own, "model.depthwise_conv": "native"}),
+        Row("cpu, contiguous layout", "step", "cpu", {**own, "train.channels_last": False}),
+        Row("cpu, before (native, contiguous)", "step", "cpu",
+            {**own, "model.depthwise_conv": "native", "train.channels_last": False}),
+        Row("vnet, cpu patch", "step", "vnet", own),
+        Row("cpu, protocol inference", "infer", "cpu", own),
     ]
 
 
@@ -324,15 +347,16 @@ def _bench_data(cfg: Config, device: torch.device, data_dir: Path | None) -> tup
         return synthetic_bank(scaled_shape(cfg.data.patch_size), 2 * SYNTHETIC_CASES, device), SYNTHETIC_CASES
     split = make_split(Path(data_dir), labeled_num=SYNTHETIC_CASES)
     ids = split.labeled + split.unlabeled[:SYNTHETIC_CASES]
-    return VolumeBank.load(Path(data_dir), ids, progress=False).to(device), len(split.labeled)
+    bank = VolumeBank.load(Path(data_dir), ids, progress=False, resample=cfg.data.resample)
+    return bank.to(device), len(split.labeled)
 
 
 def _test_volume(cfg: Config, device: torch.device, data_dir: Path | None) -> torch.Tensor:
-    """One LA-shaped inference volume: synthetic, or the first test case of ``data_dir``."""
+    """One LA-shaped inference volume: synthetic, or the first test case of ``data_dir`` (on the config's grid)."""
     if data_dir is None:
         return synthetic_bank(scaled_shape(cfg.data.patch_size), 1, device).images[0][0]
     image, _ = read_case(Path(data_dir), make_split(Path(data_dir), labeled_num=1).test[0])
-    return torch.from_numpy(image)
+    return downsample_image(image, cfg.data.resample)
 
 
 def _inference(model: torch.nn.Module, volume: torch.Tensor, cfg: Config, device: torch.device,
@@ -370,8 +394,10 @@ def _step_row(row: Row, cfg: Config, device: torch.device, budget: Budget, data_
     run = build_run(cfg, bank, n_labeled, device)
     result = measure(lambda: train_step(run), device, budget, count_flops=not cfg.train.compile, profile=profile)
     views, n_lab, n_unl = cfg.data.views, cfg.data.labeled_bs, effective_unlabeled_bs(cfg)
+    volumes = views * (n_lab + n_unl)
     result |= _flop_rates(result, device) | {
-        "batch": {"views": views, "labeled": n_lab, "unlabeled": n_unl, "volumes": views * (n_lab + n_unl)}}
+        "batch": {"views": views, "labeled": n_lab, "unlabeled": n_unl, "volumes": volumes},
+        "ms_per_volume": result["ms_per_step"] / volumes}
     if row.infer:
         result |= _inference(run.model, _test_volume(cfg, device, data_dir), cfg, device, budget)
     return result
@@ -466,6 +492,7 @@ def run_bench(
     row_seconds: float | None = None,
     cudnn_benchmark_limit: int | None = CUDNN_BENCHMARK_LIMIT,
     log: Callable[[str], None] | None = None,
+    cpu_track: bool = False,
 ) -> dict[str, Any]:
     """Measure the benchmark rows; optionally write the JSON to ``out``. A failing row is recorded, not raised.
 
@@ -488,6 +515,7 @@ def run_bench(
         cudnn_benchmark_limit: ``torch.backends.cudnn.benchmark_limit`` during the bench (restored after);
             ``None`` leaves torch's setting.
         log: called with one line per finished row (e.g. ``print``).
+        cpu_track: the rows of :func:`cpu_track_rows` (plus named ``variants``) instead of ``presets``.
 
     Returns:
         ``device``, ``torch``, ``cuda``, ``cudnn``, ``commit``, ``date``, ``steps``, ``warmup``,
@@ -505,7 +533,8 @@ def run_bench(
                          f"warmup={warmup}, row_seconds={row_seconds}")
     if cudnn_benchmark_limit is not None and cudnn_benchmark_limit < 0:
         raise ValueError(f"cudnn_benchmark_limit must be >= 0 (0: try every algorithm), got {cudnn_benchmark_limit}")
-    rows = _rows(presets, variants, "paper" if cuda else "tiny")
+    rows = cpu_track_rows() + variant_rows(variants or [], "cpu") if cpu_track else _rows(
+        presets, variants, "paper" if cuda else "tiny")
     profiled = _profiled_label(profile, rows)
     t_start = time.perf_counter()
     cudnn = cuda and torch.backends.cudnn.is_available()

@@ -95,7 +95,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
     summary = evaluate_checkpoint(
         Path(a.checkpoint), data_dir=Path(a.data_dir), out_dir=Path(a.out), mode=a.mode,
-        device=a.device, lcc=a.lcc, progress=not a.quiet,
+        device=a.device, lcc=a.lcc, progress=not a.quiet, bn_stats=a.bn_stats,
     )
     print(json.dumps(summary))
     return 0
@@ -111,7 +111,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         presets=a.preset, device=a.device, out=out, data_dir=Path(a.data_dir) if a.data_dir else None,
         steps=a.steps, warmup=a.warmup, overrides=_parse_set(a.set) or None, variants=a.variants,
         profile=a.profile, row_seconds=a.row_seconds, cudnn_benchmark_limit=limit,
-        log=lambda line: print(line, flush=True),
+        log=lambda line: print(line, flush=True), cpu_track=a.cpu_track,
     )
     print(f"\n{format_summary(result)}\n\nwrote {out}")
     return 0
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--lcc", action="store_true", help="also report largest-connected-component results")
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--bn-stats", choices=("auto", "ema", "recomputed"), default="auto",
+                   help="BatchNorm statistics: recomputed after training when present (auto), or the training EMA")
     e.set_defaults(func=_cmd_evaluate)
 
     b = sub.add_parser("bench", help="time the training step, forward+backward and protocol inference")
@@ -214,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                    help="opt-in rows (dkuxnet.bench.VARIANTS): channels-last, depthwise-channels-last, batch-1+1, "
                         "compile, fp32, official")
+    b.add_argument("--cpu-track", action="store_true",
+                   help="the cpu preset at its own patch: fast vs native depthwise conv, layout, V-Net, inference")
     b.add_argument("--profile", nargs="?", const=True, default=False, metavar="ROW",
                    help="also profile one step (torch.profiler): of the first training-step row, or of ROW")
     b.add_argument("--device", default=None)

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dkuxnet.checkpoint import load_checkpoint, model_from_state
+from dkuxnet.checkpoint import bn_stats_used, load_checkpoint, model_from_state
+from dkuxnet.data.download import dataset_sha256
 from dkuxnet.data.la import make_split, read_case, read_list
 from dkuxnet.data.resample import downsample_image, upsample_probs
 from dkuxnet.errors import DataError
@@ -146,6 +147,7 @@ def evaluate_checkpoint(
     amp: bool = True,
     save_predictions: int = 0,
     ids: Sequence[str] | None = None,
+    bn_stats: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on ``data_dir/test.list``; write ``per_case.csv`` and ``summary.json``.
 
@@ -164,6 +166,9 @@ def evaluate_checkpoint(
         amp: bf16 autocast on CUDA.
         save_predictions: save the masks of the first N cases to ``out_dir/predictions/<case>.npz``.
         ids: case IDs to evaluate; ``None`` = every line of ``test.list``.
+        bn_stats: BatchNorm statistics to evaluate with: ``"auto"`` (the recomputed ones when the
+            checkpoint holds them, else the training EMA), ``"ema"`` or ``"recomputed"``; the summary's
+            ``bn_stats`` says which were used.
 
     Returns:
         The summary written to ``summary.json``.
@@ -177,7 +182,7 @@ def evaluate_checkpoint(
     checkpoint, data_dir, out_dir = Path(checkpoint), Path(data_dir), Path(out_dir)
     dev = resolve_device(device)
     state = load_checkpoint(checkpoint)
-    model, cfg = model_from_state(state, dev, name=str(checkpoint))
+    model, cfg = model_from_state(state, dev, name=str(checkpoint), bn_stats=bn_stats)
     if cfg.train.channels_last:  # the layout it trained in (faster windows on the CPU, same values)
         model = model.to(memory_format=torch.channels_last_3d)
     ids = list(ids) if ids is not None else read_list(data_dir / "test.list")
@@ -194,6 +199,8 @@ def evaluate_checkpoint(
         "seconds_per_volume": float(np.mean(seconds)),
         "seconds_total": float(np.sum(seconds)),
         "resample": resample,
+        "bn_stats": bn_stats_used(state, bn_stats, name=str(checkpoint)),
+        "bn_recompute": (state.get("bn_recomputed") or {}).get("record"),
         "window": {"patch": list(patch), "stride": list(protocol_stride(resample)) if mode == "protocol" else None,
                    "overlap": FAST_OVERLAP if mode == "fast" else None, "batch_size": batch_size,
                    "amp": bool(amp and dev.type == "cuda")},
@@ -205,6 +212,7 @@ def evaluate_checkpoint(
         "provenance": state.get("provenance") or {},
         "labeled_num": _labeled_num(data_dir, cfg.data.label_ratio, cfg.data.labeled_num),
         "data_dir": str(data_dir.resolve()),
+        "data_sha256": _data_sha256(data_dir),
         "cases": ids,
         "git_commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -219,6 +227,13 @@ def write_per_case_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     import pandas as pd
 
     write_text_atomic(Path(path), pd.DataFrame(rows).to_csv(index=False, na_rep="NaN"))
+
+
+def _data_sha256(data_dir: Path) -> str | None:
+    try:
+        return dataset_sha256(data_dir)
+    except DataError:
+        return None
 
 
 def _labeled_num(data_dir: Path, label_ratio: float | None, labeled_num: int | None) -> int | None:

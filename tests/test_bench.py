@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dkuxnet.bench import (
     LA_PATCH, LA_TEST_SHAPE, VARIANTS, default_out, default_rows, peak_tflops, run_bench, scaled_shape, timed_calls,
@@ -178,3 +179,16 @@ def test_format_summary_lists_failed_rows():
                               "steps_timed": 5, "peak_gib": 4.4, "first_step_s": 3.0, "wall_s": 5.0}}}
     text = format_summary(d)
     assert "FAILED paper: out of memory: x" in text and "120.0" in text and "cudnn.benchmark_limit 1" in text
+
+
+def test_cpu_track_rows_run_at_the_cpu_presets_own_patch():
+    from dkuxnet.bench import bench_config, cpu_track_rows
+
+    rows = {r.label: r for r in cpu_track_rows()}
+    cpu = torch.device("cpu")
+    for row in rows.values():
+        cfg = bench_config(row.preset, cpu, row.changes)
+        assert cfg.data.patch_size == (64, 64, 32) and cfg.data.resample == 2, row.label
+    assert bench_config("cpu", cpu, rows["cpu"].changes).model.depthwise_conv == "auto"
+    assert bench_config("cpu", cpu, rows["cpu, depthwise native"].changes).model.depthwise_conv == "native"
+    assert bench_config("vnet", cpu, rows["vnet, cpu patch"].changes).model.arch == "vnet"

@@ -197,3 +197,30 @@ def test_cli_downloads_the_whole_set_byte_for_byte(server, la_root, tmp_path):
     run = subprocess.run([sys.executable, "-m", "dkuxnet", "data", "check", "--data-dir", str(dest), "--quiet"],
                          capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.startswith("OK: 100/100 cases valid"), run.stdout + run.stderr
+
+
+def test_dataset_sha256_of_the_real_folder_is_the_manifests(la_root):
+    import hashlib
+
+    from dkuxnet.data.download import dataset_sha256, read_manifest
+
+    manifest = "".join(f"{digest}  {rel}\n" for rel, digest in sorted(read_manifest()))
+    assert dataset_sha256(la_root) == hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def test_dataset_sha256_changes_with_any_file(phantom_root, tmp_path):
+    import shutil
+
+    from dkuxnet.data import case_path, read_list
+    from dkuxnet.data.download import dataset_sha256
+
+    copy = tmp_path / "copy"
+    shutil.copytree(phantom_root, copy, ignore=shutil.ignore_patterns(".dkuxnet_cache"))
+    before = dataset_sha256(copy)
+    assert dataset_sha256(copy) == before  # deterministic
+    with open(case_path(copy, read_list(copy / "test.list")[0]), "ab") as f:
+        f.write(b"\0")
+    assert dataset_sha256(copy) != before
+    case_path(copy, read_list(copy / "train.list")[0]).unlink()
+    with pytest.raises(DataError, match="data checksum"):
+        dataset_sha256(copy)

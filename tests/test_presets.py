@@ -56,7 +56,23 @@ def test_preset_parameter_counts():
     assert model_info("official")["parts"]["conv_head"] == 124_514
     for name in ("official", "authors-script"):
         assert model_info(name)["authors_dkunet"]["parameters"] == 65_503_397
-    assert len(PRESETS) == len(set(PRESETS)) == 5
+    assert len(PRESETS) == len(set(PRESETS)) == 6
+
+
+def test_cpu_preset_is_tiny_on_half_resolution_with_its_ramp_at_40_percent():
+    from dkuxnet.losses import sigmoid_rampup
+
+    cpu, tiny = get_preset("cpu"), get_preset("tiny")
+    assert cpu.model == tiny.model and cpu.loss.ablation == "all" and cpu.data.views == 2
+    assert (cpu.data.resample, cpu.data.patch_size, cpu.train.bn_recompute_batches) == (2, (64, 64, 32), 25)
+    n = cpu.train.max_iterations
+    # the paper's convention: full weight at 6,000 of 15,000 iterations, i.e. at 40 % of the schedule
+    paper = get_preset("paper").loss
+    assert paper.rampup_every * paper.rampup_length == 0.4 * get_preset("paper").train.max_iterations
+    assert cpu.loss.rampup_every * cpu.loss.rampup_length == 0.4 * n
+    full = int(0.4 * n)
+    assert sigmoid_rampup(full, cpu.loss.rampup_length, cpu.loss.rampup_every) == 1.0
+    assert sigmoid_rampup(full - 1, cpu.loss.rampup_length, cpu.loss.rampup_every) < 1.0
 
 
 # the presets' loss, views, data and schedule on the tiny width (a full-size step takes minutes on a CPU)

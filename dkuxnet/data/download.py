@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from tqdm.auto import tqdm
 
-from dkuxnet.data.la import CASE_FILE, CASES_DIR, LIST_FILES
+from dkuxnet.data.la import CASE_FILE, CASES_DIR, LIST_FILES, case_path, read_list
 from dkuxnet.errors import DataError
 from dkuxnet.fileio import write_text_atomic
 
@@ -53,6 +53,26 @@ def read_manifest() -> list[tuple[str, str]]:
 def sha256sums_text(entries: list[tuple[str, str]]) -> str:
     """``sha256sum`` text for the case files of ``entries`` (the LA ``SHA256SUMS`` file)."""
     return "".join(f"{d}  ./{rel}\n" for rel, d in entries if rel not in LIST_FILES)
+
+
+def dataset_sha256(root: Path, ids: list[str] | None = None) -> str:
+    """One SHA-256 for a data folder: of the ``sha256sum`` lines of ``train.list``, ``test.list`` and the case files.
+
+    Lines ``"<sha256>  <relative path>\n"`` sorted by path, the case files those of ``ids`` (default:
+    every case of both lists). The published LA folder gives the digest of the shipped manifest's lines.
+
+    Raises:
+        DataError: a list or case file is missing.
+    """
+    root = Path(root)
+    ids = ids if ids is not None else [i for name in LIST_FILES for i in read_list(root / name)]
+    rels = sorted([*LIST_FILES, *(str(case_path(Path(), i)) for i in ids)])
+    lines = []
+    for rel in rels:
+        if not (root / rel).is_file():
+            raise DataError(f"{root / rel}: file is missing (needed for the data checksum)")
+        lines.append(f"{sha256_file(root / rel)}  {rel}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
