@@ -198,7 +198,9 @@ _TINY_MODEL = ModelConfig(
     widths=(4, 8, 16, 32), hidden=32, num_queries=12, query_dim=16, embed_dim=8,
     num_heads=2, ffn_dim=32, query_groups=(4, 4, 4), mlp_hidden=8, checkpoint_activations=False,
 )
-CPU_ITERATIONS = 1000  # the cpu preset's full schedule: 2.24 s a step on 2 idle cores, about 40 min (dkuxnet bench --cpu-track)
+# the cpu preset's full schedule: ≤ 45 min on 2 idle cores at the 2.94 s a step that `dkuxnet bench --cpu-track`
+# measured (results/perf/bench_cpu_2cores.json)
+CPU_ITERATIONS = 900
 
 
 def get_preset(name: str) -> Config:
@@ -236,8 +238,8 @@ def get_preset(name: str) -> Config:
         return Config(
             preset="cpu",
             model=_TINY_MODEL,
-            # the paper's ramp reaches full weight at 40 % of its schedule (6,000 of 15,000): here at 400 of 1,000
-            loss=LossConfig(rampup_every=10),
+            # the paper's ramp reaches full weight at 40 % of its schedule (6,000 of 15,000): here at 360 of 900
+            loss=LossConfig(rampup_every=9),
             data=DataConfig(patch_size=(64, 64, 32), resample=2),
             train=TrainConfig(
                 max_iterations=CPU_ITERATIONS, lr=1e-3, channels_last=True, log_every=10, checkpoint_every=100,

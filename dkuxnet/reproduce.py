@@ -8,6 +8,9 @@ Three profiles fill in whatever a notebook's ``parameters`` cell leaves empty:
   for 2 views × (2 + 2) volumes (an 80 GB card).
 * ``colab`` — the ``paper`` profile with :data:`COLAB_CHANGES`, the smallest change to the method that
   fits a 16 GB card (Colab's T4, an L4); see :data:`COLAB_NOTE`.
+* ``cpu`` — the real LA folder at ½ resolution on 2 CPU cores: the ``cpu`` preset (its full schedule, about
+  45 min), and the V-Net baseline on the same grid and patch given the same wall-clock time
+  (:data:`CPU_VNET_CHANGES`); see :data:`CPU_NOTE`.
 
 Paths are relative to the notebooks' working directory (the repository's ``notebooks/`` folder),
 so the same defaults work in Jupyter, in the book build and under :func:`reproduce`.
@@ -23,7 +26,7 @@ from typing import Any
 from dkuxnet.config import Config, get_preset
 from dkuxnet.errors import DataError
 
-PROFILES = ("smoke", "paper", "colab")
+PROFILES = ("smoke", "paper", "colab", "cpu")
 NOTEBOOKS = ("03_train", "04_evaluate")
 SMOKE_ITERATIONS = 40  # smoke training run (03_train) and each smoke ablation row (05_ablation)
 SMOKE_PHANTOM_SHAPE = (64, 64, 48)  # small enough for a CPU protocol evaluation in seconds
@@ -54,6 +57,16 @@ COLAB_NOTE = (
     "colab profile: LA data, preset {preset} at batch 1 + 1 per view (the paper's: 2 + 2) and voxel-level L_qdc, "
     "{iterations} iterations, {device} — no measured Dice for this setting"
 )
+
+# The V-Net baseline of the cpu profile: the cpu preset's grid and patch, and the wall-clock time of a cpu
+# run (900 steps × 2.94 s ≈ 2,650 s at 1.19 s a V-Net step, results/perf/bench_cpu_2cores.json); UA-MT's
+# recipe with its lr step moved to the same fraction of the run (2,500 of 6,000 → 917 of 2,200).
+CPU_VNET_ITERATIONS = 2200
+CPU_VNET_CHANGES = (
+    ("data.patch_size", (64, 64, 32)), ("data.resample", 2), ("train.lr_step", 917),
+    ("train.bn_recompute_batches", 25),
+)
+CPU_NOTE = "real LA, ½ resolution, CPU: preset {preset}, {iterations} iterations, {device} — not the paper's setting"
 
 
 @dataclass(frozen=True)
@@ -86,22 +99,26 @@ class Settings:
             return SMOKE_NOTE.format(device=self.device.split(":")[0].upper())
         if self.colab:
             return COLAB_NOTE.format(preset=self.preset, iterations=self.max_iterations, device=self.device)
+        if self.profile == "cpu":
+            return CPU_NOTE.format(preset=self.preset, iterations=self.max_iterations, device=self.device)
         return f"{self.profile} profile: LA data, preset {self.preset}, {self.max_iterations} iterations, {self.device}"
 
     @property
     def result_note(self) -> str | None:
         """:attr:`note` for results that differ from the paper's setting (smoke, colab), else None."""
-        return self.note if self.smoke or self.colab else None
+        return self.note if self.smoke or self.colab or self.profile == "cpu" else None
 
     def config(self, **changes: Any) -> Config:
         """The preset with this run's label ratio, schedule and seed (plus dotted ``changes``).
 
         A smoke run of the ``tiny`` preset also gets :data:`SMOKE_TINY_CHANGES`; a colab run
-        :data:`COLAB_CHANGES`.
+        :data:`COLAB_CHANGES`; the V-Net of the cpu profile :data:`CPU_VNET_CHANGES`.
         """
         profile_changes = dict(SMOKE_TINY_CHANGES) if self.smoke and self.preset == "tiny" else {}
         if self.colab:
             profile_changes = dict(COLAB_CHANGES)
+        if self.profile == "cpu" and self.preset == "vnet":
+            profile_changes = dict(CPU_VNET_CHANGES)
         return get_preset(self.preset).override(**{
             **profile_changes, "data.label_ratio": self.label_ratio, "train.max_iterations": self.max_iterations,
             "train.seed": self.seed, **changes,
@@ -137,15 +154,18 @@ def resolve_profile(
     if max_iterations < 0:
         raise ValueError(f"max_iterations must be >= 0 (0 means the profile default), got {max_iterations}")
     smoke = profile == "smoke"
-    preset = preset or ("tiny" if smoke else "paper")
+    preset = preset or {"smoke": "tiny", "cpu": "cpu"}.get(profile, "paper")
     if not max_iterations:
         full = get_preset(preset).train.max_iterations
+        if profile == "cpu" and preset == "vnet":
+            full = CPU_VNET_ITERATIONS
         max_iterations = SMOKE_ITERATIONS if smoke else full
     base = "../_build/runs" if smoke else "../runs"
     return Settings(
         profile=profile, data_dir=Path(data_dir or ("../_build/phantom" if smoke else "../data/LA")),
         preset=preset, label_ratio=label_ratio, max_iterations=max_iterations, seed=seed,
-        device=device or _default_device(), run_dir=Path(run_dir or f"{base}/{profile}-r{label_ratio}-s{seed}"),
+        device=device or ("cpu" if profile == "cpu" else _default_device()),
+        run_dir=Path(run_dir or f"{base}/{profile}-r{label_ratio}-s{seed}"),
     )
 
 
