@@ -117,6 +117,17 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_publish(a: argparse.Namespace) -> int:
+    from dkuxnet.publish import publish_run
+
+    result = publish_run(Path(a.run_dir), Path(a.data_dir), Path(a.results), a.kind, name=a.name, model=a.model,
+                         cases=a.cases, notes=a.notes, progress=not a.quiet)
+    dice = result["metrics"]["dice"]["mean"]
+    print(f"published {result['name']}: Dice {100 * dice:.2f} % ({result.get('bn_stats', 'ema')} BatchNorm statistics) "
+          f"-> {Path(a.results) / a.kind / (result['name'] + '.json')}")
+    return 0
+
+
 def _cmd_perf_report(a: argparse.Namespace) -> int:
     from dkuxnet.perfreport import perf_report
     from dkuxnet.errors import UserError
@@ -237,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--results", default="results/perf", help="folder with bench_*.json and memprobe*.json")
     pr.add_argument("--out", default=None, help="markdown file to write (default: print)")
     pr.set_defaults(func=_cmd_perf_report)
+
+    pub = sub.add_parser("publish", help="evaluate a finished run and write its result and files into results/")
+    pub.add_argument("run_dir", help="run folder with last.pt, metrics.jsonl and summary.json")
+    pub.add_argument("--data-dir", required=True, help="the LA folder the run was trained on")
+    pub.add_argument("--results", default="results", help="the results folder (default: ./results)")
+    pub.add_argument("--kind", required=True, help="sub-folder of the result file, e.g. cpu")
+    pub.add_argument("--name", default=None, help="run name (default: the run folder's name)")
+    pub.add_argument("--model", action="store_true", help="also commit the model (no optimiser state)")
+    pub.add_argument("--cases", type=int, default=0, help="export the first N test cases for the book (needs --model)")
+    pub.add_argument("--notes", default=None)
+    pub.add_argument("--quiet", action="store_true")
+    pub.set_defaults(func=_cmd_publish)
 
     r = sub.add_parser("reproduce", help="run the notebooks with papermill for each ratio and seed")
     r.add_argument("--profile", choices=PROFILES, default="smoke")

@@ -61,6 +61,7 @@ _SHORTENED = re.compile(r"^shortened: (\d+) of (\d+) iterations$")
 BN_STATS = ("ema", "recomputed")  # optional field bn_stats: the BatchNorm statistics the evaluated model used
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 OPTIONAL_PROVENANCE = ("bn_stats", "data_sha256")  # copied from the evaluation summary when it has them
+CPU_KIND = "real LA, ½ resolution, CPU"  # run_kind of the cpu profile's runs
 
 
 def paper_results(table: str | None = None) -> list[dict[str, Any]]:
@@ -114,9 +115,19 @@ def validate_result(d: dict[str, Any]) -> None:
 
 
 def _check_optional_provenance(d: dict[str, Any]) -> None:
-    """``bn_stats`` one of :data:`BN_STATS` and ``data_sha256`` a lowercase hex SHA-256 digest, when present."""
+    """``bn_stats`` one of :data:`BN_STATS`, ``data_sha256`` a lowercase hex SHA-256 digest, and
+    ``bn_stats_other`` the same evaluation with the other statistics, when present."""
     if "bn_stats" in d and d["bn_stats"] not in BN_STATS:
         raise ValueError(f"result field 'bn_stats' must be one of {BN_STATS}, got {d['bn_stats']!r}")
+    other = d.get("bn_stats_other")
+    if other is not None:
+        if not isinstance(other, dict) or other.get("bn_stats") not in BN_STATS or other["bn_stats"] == d.get("bn_stats"):
+            raise ValueError("result field 'bn_stats_other' must name the other BatchNorm statistics than 'bn_stats'")
+        for m in TABLE_METRICS:
+            if not isinstance(other.get("metrics", {}).get(m), dict) or "mean" not in other["metrics"][m]:
+                raise ValueError(f"result field 'bn_stats_other' needs metrics {{'mean', 'std'}} for {m!r}")
+        if not isinstance(other.get("n_failed"), int):
+            raise ValueError("result field 'bn_stats_other' needs an integer 'n_failed'")
     if "data_sha256" in d and not (isinstance(d["data_sha256"], str) and _SHA256.fullmatch(d["data_sha256"])):
         raise ValueError(
             f"result field 'data_sha256' must be a SHA-256 digest (64 lowercase hex digits), got {d['data_sha256']!r}"
@@ -130,6 +141,7 @@ def build_result(
     device: str | None = None,
     name: str | None = None,
     notes: str | None = None,
+    other_bn_summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Turn an ``evaluate_checkpoint`` summary into a validated run result.
 
@@ -143,9 +155,12 @@ def build_result(
         device: training device name.
         name: optional short name of the run.
         notes: optional free text.
+        other_bn_summary: the same checkpoint evaluated with the other BatchNorm statistics
+            (``evaluate_checkpoint(..., bn_stats=...)``); its metrics go to ``bn_stats_other``.
 
     Raises:
-        ValueError: the training wall time is unknown, or the result does not validate.
+        ValueError: the training wall time is unknown, the two summaries are not of the same checkpoint,
+            or the result does not validate.
     """
     prov = summary.get("provenance") or {}
     cfg = summary["config"]
@@ -179,6 +194,13 @@ def build_result(
         "notes": notes,
         **{k: summary[k] for k in OPTIONAL_PROVENANCE if summary.get(k) is not None},
     }
+    if other_bn_summary is not None:
+        if (other_bn_summary["checkpoint"], other_bn_summary["iteration"]) != (summary["checkpoint"], summary["iteration"]):
+            raise ValueError("other_bn_summary evaluates another checkpoint than summary")
+        result["bn_stats_other"] = {
+            "bn_stats": other_bn_summary.get("bn_stats"), "n_failed": other_bn_summary["n_failed"],
+            "metrics": {m: other_bn_summary["metrics"][m] for m in TABLE_METRICS},
+        }
     validate_result(result)
     return result
 
@@ -190,13 +212,15 @@ def save_result(path: Path, d: dict[str, Any]) -> None:
 
 
 PERF_FOLDER = "perf"  # results/perf/: benchmark and memory measurements, skipped by load_results
+RUNS_FOLDER = "runs"  # results/runs/<run>/: per-case CSVs, training logs, models; skipped by load_results
 
 
 def load_results(folder: Path) -> list[dict[str, Any]]:
     """All run results (``*.json``, recursively, sorted by path) of ``folder``, each validated.
 
-    ``folder/perf/`` is skipped: it holds performance measurements (``dkuxnet bench`` and
-    ``tools/memprobe.py`` JSON, their own formats), not run results.
+    ``folder/perf/`` and ``folder/runs/`` are skipped: they hold performance measurements (``dkuxnet bench``
+    and ``tools/memprobe.py`` JSON, their own formats) and each committed run's own files (per-case CSV,
+    training log, model), not run results.
 
     Raises:
         ValueError: naming the file that is not a valid result.
@@ -207,7 +231,7 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"results folder {folder} does not exist")
     out = []
     for path in sorted(folder.rglob("*.json")):
-        if path.relative_to(folder).parts[0] == PERF_FOLDER:
+        if path.relative_to(folder).parts[0] in (PERF_FOLDER, RUNS_FOLDER):
             continue
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
@@ -262,6 +286,43 @@ def comparison_table(ours: list[dict[str, Any]], table: str = "main") -> pd.Data
     df["_paper_first"] = (df["source"] != PAPER_SOURCE).astype(int)
     df = df.sort_values(["labeled", "_paper_first"], kind="stable").drop(columns="_paper_first")
     return df.reset_index(drop=True)
+
+
+def run_kind(r: dict[str, Any]) -> str:
+    """The kind of run a result is, the title of the table it belongs in: :data:`CPU_KIND` for a model trained
+    on the CPU on resampled real data, else ``"<preset> preset on <device>"``."""
+    if r["config"]["data"].get("resample", 1) == 2 and r["device"].startswith("cpu"):
+        return CPU_KIND
+    return f"{r['preset']} preset on {r['device']}"
+
+
+def ours_table(results: list[dict[str, Any]], kind: str) -> pd.DataFrame:
+    """Our runs of one :func:`run_kind`, one row each, never beside the paper's numbers.
+
+    Columns: ``method`` (DKUXNet / V-Net), ``losses`` (the loss ablation row), ``labeled`` scans,
+    ``iterations``, ``schedule``, ``wall min`` (training), ``Dice %``, ``Jaccard %``, ``95HD`` and ``ASD``
+    (voxels of 0.625 mm), ``failed`` cases, ``BN stats`` used, and ``Dice % (other BN stats)`` when the
+    result carries the evaluation with the other statistics (``bn_stats_other``).
+    """
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        validate_result(r)
+        if run_kind(r) != kind:
+            continue
+        other = r.get("bn_stats_other")
+        rows.append({
+            "method": "DKUXNet" if r["config"]["model"]["arch"] == "dkuxnet" else "V-Net",
+            "losses": ABLATION_ROWS[r["config"]["loss"]["ablation"]], "labeled": r["labeled_num"],
+            "iterations": r["iterations"], "schedule": r["schedule"], "wall min": r["wall_time_s"] / 60,
+            "Dice %": 100 * _num(r["metrics"]["dice"]["mean"]), "Jaccard %": 100 * _num(r["metrics"]["jaccard"]["mean"]),
+            "95HD": _num(r["metrics"]["hd95"]["mean"]), "ASD": _num(r["metrics"]["asd"]["mean"]),
+            "failed": r["n_failed"], "BN stats": r.get("bn_stats", "ema"),
+            "Dice % (other BN stats)": 100 * _num(other["metrics"]["dice"]["mean"]) if other else math.nan,
+        })
+    return pd.DataFrame(rows).sort_values(["labeled", "method", "losses"], kind="stable").reset_index(drop=True) \
+        if rows else pd.DataFrame(rows)
 
 
 def run_label(r: dict[str, Any]) -> str:

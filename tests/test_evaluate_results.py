@@ -236,3 +236,35 @@ def test_comparison_tables(evaluated):
     assert main.loc[main["source"] == PAPER_SOURCE, "dice_std"].isna().all()
     assert not math.isnan(mine["dice_std"].iloc[0])
 
+
+
+def test_load_results_skips_the_runs_folder(tmp_path):
+    (tmp_path / "runs" / "some-run").mkdir(parents=True)
+    (tmp_path / "runs" / "some-run" / "summary.json").write_text(json.dumps({"iterations": 3}))  # a run's own file
+    assert load_results(tmp_path) == []
+
+
+def test_other_bn_stats_and_the_table_of_one_kind_of_run(setup, evaluated):
+    from dkuxnet.results import CPU_KIND, ours_table, run_kind
+
+    _, data, ckpt, _ = setup
+    ema = evaluate_checkpoint(ckpt, data, setup[0] / "ema", mode="fast", device="cpu", progress=False, bn_stats="ema")
+    assert ema["bn_stats"] == evaluated["fast"]["bn_stats"] == "ema"  # this checkpoint has no recomputed statistics
+    with pytest.raises(ValueError, match="bn_stats_other"):  # the 'other' evaluation must use the other statistics
+        build_result(evaluated["fast"], other_bn_summary=ema)
+    recomputed = {**evaluated["fast"], "bn_stats": "recomputed"}
+    r = build_result(recomputed, other_bn_summary=ema)
+    assert r["bn_stats_other"]["bn_stats"] == "ema"
+    assert r["bn_stats_other"]["metrics"]["dice"] == ema["metrics"]["dice"]
+    with pytest.raises(ValueError, match="another checkpoint"):
+        build_result(recomputed, other_bn_summary={**ema, "iteration": 3})
+    assert run_kind(r) == "tiny preset on test-cpu"
+    cpu = copy.deepcopy(r)
+    cpu["config"]["data"]["resample"] = 2
+    cpu["device"] = "cpu (x86_64, 2 cores)"
+    assert run_kind(cpu) == CPU_KIND
+    table = ours_table([r, cpu], CPU_KIND)
+    assert len(table) == 1 and table["iterations"].iloc[0] == r["iterations"]
+    assert table["Dice %"].iloc[0] == pytest.approx(100 * r["metrics"]["dice"]["mean"])
+    assert table["Dice % (other BN stats)"].iloc[0] == pytest.approx(100 * ema["metrics"]["dice"]["mean"])
+    assert "reported by the paper" not in table.to_string() and ours_table([r], CPU_KIND).empty
