@@ -573,7 +573,7 @@ def run_bench(
         "row_seconds": budget.row_seconds,
         "cudnn_benchmark_limit": limit,
         "overrides": overrides or {},
-        "data": str(data_dir) if data_dir else "synthetic (no data loading)",
+        "data": f"the first cases of the LA folder {Path(data_dir).name!r}" if data_dir else "synthetic (no data loading)",
         "wall_s": time.perf_counter() - t_start,
         "presets": results,
     }

@@ -31,7 +31,8 @@ import numpy as np
 from medpy.metric import binary
 from scipy import ndimage
 
-SPACING_MM = 0.625
+from dkuxnet.data.resample import SPACING_MM  # the LA voxel size, re-exported
+
 DISTANCES = ("hd95", "asd", "assd")
 SUMMARY_KEYS = ("dice", "jaccard", *DISTANCES, *(f"{d}_mm" for d in DISTANCES), "hd95_legacy", "asd_legacy")
 

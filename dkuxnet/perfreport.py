@@ -88,19 +88,20 @@ def _bench_section(path: Path, d: dict[str, Any]) -> list[str]:
         f"**{d.get('device')}** ({versions}; commit `{str(d.get('commit'))[:12]}`, {d.get('date')}; "
         f"median over the timed steps, {budget}; data: {d.get('data')}; file `{path.name}`)",
         "",
-        "| row | measures | volumes | patch | ms per step (timed steps) | peak GiB | TFLOP/s | MFU "
+        "| row | measures | volumes | patch | ms per step (timed steps) | ms per volume | peak GiB | TFLOP/s | MFU "
         "| protocol inference s / volume | row wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     what = {"step": "training step", "fwdbwd": "forward + backward", "infer": "protocol inference"}
     for name, r in d.get("presets", {}).items():
         if "error" in r:
-            lines.append(f"| {name} | {what.get(r.get('kind', 'step'), '')} | | | {r['error'][:80]} | | | | | |")
+            lines.append(f"| {name} | {what.get(r.get('kind', 'step'), '')} | | | {r['error'][:80]} | | | | | | |")
             continue
         ms = f"{r['ms_per_step']:.1f} ({r.get('steps_timed', len(r.get('ms_steps', [])))})" if "ms_per_step" in r else "—"
         lines.append(
             f"| {name} | {what[r.get('kind', 'step')]} | {r.get('batch', {}).get('volumes', '—')} "
-            f"| {'×'.join(map(str, r['patch']))} | {ms} | {_cell(r.get('peak_gib'), '.1f')} "
+            f"| {'×'.join(map(str, r['patch']))} | {ms} | {_cell(r.get('ms_per_volume'), '.1f')} "
+            f"| {_cell(r.get('peak_gib'), '.1f')} "
             f"| {_cell(r.get('tflops_achieved'), '.1f')} | {_cell(r.get('mfu'), '.1%')} "
             f"| {_cell(r.get('infer_s_per_volume'), '.2f')} | {_cell(r.get('wall_s'), '.0f')} |"
         )
@@ -208,10 +209,11 @@ def perf_report(folder: Path) -> str:
     """
     folder = Path(folder)
     benches = sorted(folder.glob("bench_*.json"))
-    lines = ["### GPU benchmarks of this package", ""]
-    for path in benches:
-        lines += _bench_section(path, json.loads(path.read_text(encoding="utf-8")))
-    if not benches:
+    lines = ["### Benchmarks of this package", ""]
+    loaded = [(path, json.loads(path.read_text(encoding="utf-8"))) for path in benches]
+    for path, d in loaded:
+        lines += _bench_section(path, d)
+    if not any(d.get("device_type", "cuda") == "cuda" for _, d in loaded):
         lines += ["No GPU benchmark of this package has been committed yet (`results/perf/bench_<card>.json`).", ""]
     probes = sorted(folder.glob("memprobe*.json"))
     if probes:
