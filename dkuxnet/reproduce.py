@@ -1,6 +1,6 @@
 """Run profiles for the notebooks and the papermill driver behind ``dkuxnet reproduce``.
 
-Three profiles fill in whatever a notebook's ``parameters`` cell leaves empty:
+Four profiles fill in whatever a notebook's ``parameters`` cell leaves empty:
 
 * ``smoke`` — the synthetic phantom (written on first use), the ``tiny`` preset and a shortened
   schedule; minutes on a CPU. Its numbers say the code runs, nothing about the paper.
@@ -10,7 +10,10 @@ Three profiles fill in whatever a notebook's ``parameters`` cell leaves empty:
   fits a 16 GB card (Colab's T4, an L4); see :data:`COLAB_NOTE`.
 * ``cpu`` — the real LA folder at ½ resolution on 2 CPU cores: the ``cpu`` preset (its full schedule, about
   45 min), and the V-Net baseline on the same grid and patch given the same wall-clock time
-  (:data:`CPU_VNET_CHANGES`); see :data:`CPU_NOTE`.
+  (:data:`CPU_VNET_CHANGES`); see :data:`CPU_NOTE`. Its default grid is :data:`CPU_CELLS`.
+
+:func:`reproduce` runs a grid of :class:`Cell` (preset, loss ablation, label ratio, seed); :func:`run_cell`
+executes the notebooks of one cell, so that a cell can be submitted as one job.
 
 Paths are relative to the notebooks' working directory (the repository's ``notebooks/`` folder),
 so the same defaults work in Jupyter, in the book build and under :func:`reproduce`.
@@ -19,15 +22,20 @@ so the same defaults work in Jupyter, in the book build and under :func:`reprodu
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dkuxnet.config import Config, get_preset
+from dkuxnet.config import ABLATIONS, PRESETS, Config, get_preset
 from dkuxnet.errors import DataError
 
 PROFILES = ("smoke", "paper", "colab", "cpu")
 NOTEBOOKS = ("03_train", "04_evaluate")
+DEFAULT_RATIOS = (0.05, 0.1, 0.2)  # the paper's label ratios: the grid of every profile but cpu
+DEFAULT_SEEDS = (1337,)
 SMOKE_ITERATIONS = 40  # smoke training run (03_train) and each smoke ablation row (05_ablation)
 SMOKE_PHANTOM_SHAPE = (64, 64, 48)  # small enough for a CPU protocol evaluation in seconds
 # Smoke changes to the tiny preset: about 5x less work per step than its 48x48x32 patches at 2 + 2
@@ -69,6 +77,54 @@ CPU_VNET_CHANGES = (
 CPU_NOTE = "real LA, ½ resolution, CPU: preset {preset}, {iterations} iterations, {device} — not the paper's setting"
 
 
+def default_preset(profile: str) -> str:
+    """The preset a profile runs when none is named: ``tiny`` (smoke), ``cpu`` (cpu), else ``paper``."""
+    return {"smoke": "tiny", "cpu": "cpu"}.get(profile, "paper")
+
+
+def resolve_ablation(preset: str, ablation: str) -> str:
+    """``ablation``, or the preset's own ``loss.ablation`` when it is empty.
+
+    Raises:
+        ValueError: ``ablation`` is neither empty nor one of :data:`ABLATIONS`, or ``preset`` is unknown.
+    """
+    if ablation and ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS} or empty (the preset's own), got {ablation!r}")
+    return ablation or get_preset(preset).loss.ablation
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a :func:`reproduce` grid: preset, loss ablation, label ratio and seed.
+
+    ``ablation`` is resolved (one of :data:`ABLATIONS`, never empty), so that :attr:`name` is stable.
+    A cell is what a cluster launcher submits as one job (:func:`run_cell`).
+    """
+
+    preset: str
+    ablation: str
+    label_ratio: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {ABLATIONS}, got {self.ablation!r}")
+        if not 0.0 < self.label_ratio <= 1.0:
+            raise ValueError(f"label_ratio must be in (0, 1], got {self.label_ratio}")
+
+    @property
+    def name(self) -> str:
+        """``<preset>-<ablation>-r<ratio>-s<seed>``, e.g. ``cpu-all-r0.1-s1337``."""
+        return f"{self.preset}-{self.ablation}-r{self.label_ratio}-s{self.seed}"
+
+
+# The cpu profile's default grid: the cpu preset with all losses, its supervised ablation, and the V-Net
+# baseline (CPU_VNET_CHANGES, CPU_VNET_ITERATIONS), at label ratio 0.1 and one seed; run one after the other.
+CPU_CELLS = (Cell("cpu", "all", 0.1, 1337), Cell("cpu", "seg", 0.1, 1337), Cell("vnet", "seg", 0.1, 1337))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Fully resolved parameters of one notebook run (see :func:`resolve_profile`)."""
@@ -76,6 +132,7 @@ class Settings:
     profile: str
     data_dir: Path
     preset: str
+    ablation: str
     label_ratio: float
     max_iterations: int
     seed: int
@@ -109,7 +166,7 @@ class Settings:
         return self.note if self.smoke or self.colab or self.profile == "cpu" else None
 
     def config(self, **changes: Any) -> Config:
-        """The preset with this run's label ratio, schedule and seed (plus dotted ``changes``).
+        """The preset with this run's loss ablation, label ratio, schedule and seed (plus dotted ``changes``).
 
         A smoke run of the ``tiny`` preset also gets :data:`SMOKE_TINY_CHANGES`; a colab run
         :data:`COLAB_CHANGES`; the V-Net of the cpu profile :data:`CPU_VNET_CHANGES`.
@@ -120,8 +177,8 @@ class Settings:
         if self.profile == "cpu" and self.preset == "vnet":
             profile_changes = dict(CPU_VNET_CHANGES)
         return get_preset(self.preset).override(**{
-            **profile_changes, "data.label_ratio": self.label_ratio, "train.max_iterations": self.max_iterations,
-            "train.seed": self.seed, **changes,
+            **profile_changes, "loss.ablation": self.ablation, "data.label_ratio": self.label_ratio,
+            "train.max_iterations": self.max_iterations, "train.seed": self.seed, **changes,
         })
 
 
@@ -133,19 +190,21 @@ def _default_device() -> str:
 
 def resolve_profile(
     profile: str, data_dir: str = "", preset: str = "", label_ratio: float = 0.1, max_iterations: int = 0,
-    seed: int = 1337, device: str = "", run_dir: str = "",
+    seed: int = 1337, device: str = "", run_dir: str = "", ablation: str = "",
 ) -> Settings:
     """Fill empty notebook parameters with the profile's defaults.
 
     Args:
         profile: one of :data:`PROFILES`.
         data_dir: data folder; empty means ``../_build/phantom`` (smoke) or ``../data/LA`` (paper, colab).
-        preset: model preset; empty means ``tiny`` (smoke) or ``paper``.
+        preset: model preset; empty means :func:`default_preset` (``tiny``, ``cpu`` or ``paper``).
         label_ratio: labeled fraction of ``train.list``.
         max_iterations: 0 means :data:`SMOKE_ITERATIONS` (smoke) or the preset's full schedule.
         seed: training seed.
         device: empty means ``cuda`` when available, else ``cpu``.
-        run_dir: empty means ``../_build/runs/smoke-r{ratio}-s{seed}`` or ``../runs/{profile}-r{ratio}-s{seed}``.
+        run_dir: empty means ``../_build/runs/smoke/<cell>`` (smoke) or ``../runs/<profile>/<cell>``, ``<cell>``
+            being the :attr:`Cell.name` of preset, ablation, ratio and seed, e.g. ``cpu-all-r0.1-s1337``.
+        ablation: loss ablation, one of :data:`ABLATIONS`; empty means the preset's own.
     """
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
@@ -154,7 +213,8 @@ def resolve_profile(
     if max_iterations < 0:
         raise ValueError(f"max_iterations must be >= 0 (0 means the profile default), got {max_iterations}")
     smoke = profile == "smoke"
-    preset = preset or {"smoke": "tiny", "cpu": "cpu"}.get(profile, "paper")
+    preset = preset or default_preset(profile)
+    cell = Cell(preset, resolve_ablation(preset, ablation), label_ratio, seed)
     if not max_iterations:
         full = get_preset(preset).train.max_iterations
         if profile == "cpu" and preset == "vnet":
@@ -163,9 +223,9 @@ def resolve_profile(
     base = "../_build/runs" if smoke else "../runs"
     return Settings(
         profile=profile, data_dir=Path(data_dir or ("../_build/phantom" if smoke else "../data/LA")),
-        preset=preset, label_ratio=label_ratio, max_iterations=max_iterations, seed=seed,
+        preset=preset, ablation=cell.ablation, label_ratio=label_ratio, max_iterations=max_iterations, seed=seed,
         device=device or ("cpu" if profile == "cpu" else _default_device()),
-        run_dir=Path(run_dir or f"{base}/{profile}-r{label_ratio}-s{seed}"),
+        run_dir=Path(run_dir or f"{base}/{profile}/{cell.name}"),
     )
 
 
@@ -225,34 +285,79 @@ def train_and_evaluate(settings: Settings, cfg: Config, out_dir: Path, mode: str
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One (ratio, seed) run of :func:`reproduce`: its folder and papermill parameters."""
+    """One cell of :func:`reproduce` in a profile: its run folder and papermill parameters."""
 
-    name: str
+    cell: Cell
     run_dir: Path
     parameters: dict[str, Any]
 
+    @property
+    def name(self) -> str:
+        """The cell's name, also the run folder's."""
+        return self.cell.name
 
-def plan_runs(
-    profile: str, ratios: list[float], seeds: list[int], data_dir: Path | None = None,
-    runs_dir: Path = Path("runs"), max_iterations: int | None = None, device: str | None = None,
-) -> list[PlannedRun]:
-    """The runs :func:`reproduce` executes, ratio-major, with absolute paths (cwd independent)."""
+
+def plan_cells(
+    profile: str, ratios: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
+    presets: Sequence[str] | None = None, ablations: Sequence[str] | None = None,
+) -> list[Cell]:
+    """The grid presets x ablations x ratios x seeds, ordered by ratio, seed, preset, then ablation.
+
+    An axis left as None takes the profile's default: its preset (:func:`default_preset`), the preset's own
+    ablation, :data:`DEFAULT_RATIOS` (0.1 in the cpu profile) and :data:`DEFAULT_SEEDS`. In the cpu profile
+    with every axis None the grid is :data:`CPU_CELLS`.
+    """
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
-    if not ratios or not seeds:
-        raise ValueError("ratios and seeds must each name at least one value")
-    runs: list[PlannedRun] = []
-    for ratio in ratios:
-        for seed in seeds:
-            name = f"{profile}-r{ratio}-s{seed}"
-            run_dir = Path(runs_dir).resolve() / name
-            parameters = {
-                "profile": profile, "label_ratio": float(ratio), "seed": int(seed), "run_dir": str(run_dir),
-                "data_dir": str(Path(data_dir).resolve()) if data_dir else "",
-                "max_iterations": int(max_iterations or 0), "device": device or "",
-            }
-            runs.append(PlannedRun(name=name, run_dir=run_dir, parameters=parameters))
-    return runs
+    axes = {"ratios": ratios, "seeds": seeds, "presets": presets, "ablations": ablations}
+    if profile == "cpu" and all(axis is None for axis in axes.values()):
+        return list(CPU_CELLS)
+    for name, axis in axes.items():
+        if axis is not None and not axis:
+            raise ValueError(f"{name} must name at least one value")
+    return [
+        Cell(preset, resolve_ablation(preset, ablation), float(ratio), int(seed))
+        for ratio in ratios or ((0.1,) if profile == "cpu" else DEFAULT_RATIOS)
+        for seed in seeds or DEFAULT_SEEDS
+        for preset in presets or (default_preset(profile),)
+        for ablation in ablations or ("",)
+    ]
+
+
+def default_runs_dir(profile: str) -> Path:
+    """``runs/<profile>``: where :func:`reproduce` puts a profile's run folders when not told otherwise."""
+    return Path("runs") / profile
+
+
+def plan_cell(
+    cell: Cell, profile: str, runs_dir: Path, data_dir: Path | None = None, max_iterations: int | None = None,
+    device: str | None = None,
+) -> PlannedRun:
+    """The run folder ``runs_dir/<cell name>`` (absolute) and the notebooks' parameters for ``cell``."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    run_dir = Path(runs_dir).resolve() / cell.name
+    parameters = {
+        "profile": profile, "preset": cell.preset, "ablation": cell.ablation, "label_ratio": float(cell.label_ratio),
+        "seed": int(cell.seed), "run_dir": str(run_dir), "data_dir": str(Path(data_dir).resolve()) if data_dir else "",
+        "max_iterations": int(max_iterations or 0), "device": device or "",
+    }
+    return PlannedRun(cell=cell, run_dir=run_dir, parameters=parameters)
+
+
+def plan_runs(
+    profile: str, ratios: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
+    data_dir: Path | None = None, runs_dir: Path | None = None, max_iterations: int | None = None,
+    device: str | None = None, presets: Sequence[str] | None = None, ablations: Sequence[str] | None = None,
+) -> list[PlannedRun]:
+    """The runs :func:`reproduce` executes (:func:`plan_cells`), with absolute paths (cwd independent).
+
+    ``runs_dir`` None means ``runs/<profile>`` (:func:`default_runs_dir`).
+    """
+    return [
+        plan_cell(cell, profile, runs_dir or default_runs_dir(profile), data_dir, max_iterations, device)
+        for cell in plan_cells(profile, ratios, seeds, presets, ablations)
+    ]
 
 
 def notebooks_dir() -> Path:
@@ -263,33 +368,82 @@ def notebooks_dir() -> Path:
     return folder
 
 
-def reproduce(
-    profile: str, ratios: list[float], seeds: list[int], data_dir: Path | None = None,
-    runs_dir: Path = Path("runs"), max_iterations: int | None = None, device: str | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Execute ``03_train`` then ``04_evaluate`` with papermill for every ratio x seed.
+def run_cell(
+    cell: Cell, profile: str, runs_dir: Path, data_dir: Path | None = None, max_iterations: int | None = None,
+    device: str | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Execute ``03_train`` then ``04_evaluate`` with papermill for one cell; return its record.
 
-    Each run folder ``runs_dir/<profile>-r<ratio>-s<seed>/`` receives the executed notebooks and the
-    run's outputs (``last.pt``, ``metrics.jsonl``, ``eval/summary.json``, ...). The evaluation
-    summaries, tagged with profile, ratio and seed, are collected into ``runs_dir/summary.json``
-    and returned. A failing notebook raises papermill's ``PapermillExecutionError``.
+    The run folder ``runs_dir/<cell name>/`` (:func:`plan_cell`) receives the executed notebooks and
+    the run's outputs (``last.pt``, ``metrics.jsonl``, ``eval/summary.json``, ...). A smoke run starts over;
+    any other run resumes an existing ``last.pt`` (a finished run is then only re-evaluated).
+
+    Returns:
+        the record ``{"cell", <parameters>, <evaluation summary>, "status", "start", "end", "seconds"}``:
+        status ``ok``, or ``failed`` with ``error`` (the failing cell's exception, also in the executed
+        notebook) when a notebook raised; start and end are UTC ISO times, seconds the wall time of the cell.
+
+    Raises:
+        ValueError: an unknown profile.
     """
     import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
 
     source = notebooks_dir()
-    runs = plan_runs(profile, ratios, seeds, data_dir, runs_dir, max_iterations, device)
-    records: list[dict[str, Any]] = []
-    for run in runs:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
+    run = plan_cell(cell, profile, runs_dir, data_dir, max_iterations, device)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    resume = profile != "smoke" and (run.run_dir / "last.pt").is_file()
+    start, clock = datetime.now(timezone.utc), time.perf_counter()
+    summary: dict[str, Any] = {}
+    status: dict[str, Any] = {"status": "ok"}
+    try:
         for name in NOTEBOOKS:
+            parameters = {**run.parameters, "resume": resume} if name == "03_train" else run.parameters
             pm.execute_notebook(
-                source / f"{name}.ipynb", run.run_dir / f"{name}.ipynb", parameters=run.parameters,
+                source / f"{name}.ipynb", run.run_dir / f"{name}.ipynb", parameters=parameters,
                 cwd=str(source), kernel_name="python3", progress_bar=progress,
             )
         summary = json.loads((run.run_dir / "eval" / "summary.json").read_text())
-        records.append({"run": run.name, **run.parameters, **summary})
-    out = Path(runs_dir) / "summary.json"
+    except PapermillExecutionError as exc:
+        status = {"status": "failed", "error": f"{exc.ename}: {exc.evalue}"}
+    return {
+        "cell": cell.name, **run.parameters, **summary, **status,
+        "start": start.isoformat(timespec="seconds"),
+        "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - clock, 1),
+    }
+
+
+def reproduce(
+    profile: str, ratios: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
+    data_dir: Path | None = None, runs_dir: Path | None = None, max_iterations: int | None = None,
+    device: str | None = None, progress: bool = True, presets: Sequence[str] | None = None,
+    ablations: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every cell of :func:`plan_cells` with :func:`run_cell`, one after the other.
+
+    Each cell runs in ``runs_dir/<cell name>/``; ``runs_dir`` None means ``runs/<profile>``. The records are
+    written to ``runs_dir/summary.json`` after each cell (a failed cell is recorded and the grid goes on) and
+    returned; :func:`format_table` prints them.
+    """
+    cells = plan_cells(profile, ratios, seeds, presets, ablations)
+    runs_dir = Path(runs_dir or default_runs_dir(profile))
+    out = runs_dir / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=2, default=str) + "\n")
+    records: list[dict[str, Any]] = []
+    for cell in cells:
+        records.append(run_cell(cell, profile, runs_dir, data_dir, max_iterations, device, progress))
+        out.write_text(json.dumps(records, indent=2, default=str) + "\n")
     return records
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """Plain-text table of :func:`reproduce` records: cell, status, seconds and mean Dice (%)."""
+    rows = [("cell", "status", "seconds", "Dice (%)")]
+    for r in records:
+        dice = r.get("metrics", {}).get("dice", {}).get("mean")
+        rows.append((r["cell"], r["status"], f"{r['seconds']:.0f}", "-" if dice is None else f"{100 * dice:.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows
+    )

@@ -17,8 +17,8 @@
 #
 # ## Overview
 #
-# One run = one label ratio and one seed. `dkuxnet reproduce` executes this notebook once per
-# (ratio, seed) with papermill; the book runs it once, in the smoke profile. It
+# One run = one cell: a preset, a loss ablation, a label ratio and a seed. `dkuxnet reproduce` executes
+# this notebook once per cell with papermill; the book runs it once, in the smoke profile. It
 #
 # 1. builds the run's configuration from a preset and the parameters,
 # 2. trains with the semi-supervised objective (resumable, atomic checkpoints),
@@ -59,6 +59,7 @@ if "google.colab" in sys.modules:
 profile: str = "smoke"  # smoke (CPU, phantom, tiny preset), paper (80 GB GPU, real LA) or colab (16 GB GPU)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
+ablation: str = ""  # loss ablation: seg, qdc, segc or all; empty means the preset's own
 label_ratio: float = 0.1  # labeled fraction of train.list
 max_iterations: int = 0  # 0 means the profile default
 seed: int = 1337  # training seed
@@ -78,7 +79,7 @@ from dkuxnet.reproduce import fresh_run_dir, prepare_data, resolve_profile
 from dkuxnet.train import schedule_label, train
 
 # %%
-settings = resolve_profile(profile, data_dir, preset, label_ratio, max_iterations, seed, device, run_dir)
+settings = resolve_profile(profile, data_dir, preset, label_ratio, max_iterations, seed, device, run_dir, ablation)
 root = prepare_data(settings)
 out_dir = fresh_run_dir(settings.run_dir, settings.smoke, resume)
 print(f"run folder: {out_dir}")
@@ -87,8 +88,8 @@ print(settings.note)
 # %% [markdown]
 # ## 1. The configuration
 #
-# The preset fixes the architecture and the recipe; the parameters set the label ratio, the
-# schedule length and the seed. The full tree is written to `config.json` and into every checkpoint.
+# The preset fixes the architecture and the recipe; the parameters set the loss ablation (which terms
+# of the objective are on), the label ratio, the schedule length and the seed. The full tree is written to `config.json` and into every checkpoint.
 
 # %%
 cfg = settings.config()

@@ -44,6 +44,7 @@ if "google.colab" in sys.modules:
 profile: str = "smoke"  # smoke (CPU, phantom, tiny preset), paper (80 GB GPU, real LA) or colab (16 GB GPU)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
+ablation: str = ""  # loss ablation: seg, qdc, segc or all; empty means the preset's own
 label_ratio: float = 0.1  # labeled fraction of train.list
 max_iterations: int = 0  # 0 means the profile default
 seed: int = 1337  # training seed
@@ -63,7 +64,7 @@ from dkuxnet.reproduce import prepare_data, resolve_profile
 from dkuxnet.results import build_result, comparison_table
 
 # %%
-settings = resolve_profile(profile, data_dir, preset, label_ratio, max_iterations, seed, device, run_dir)
+settings = resolve_profile(profile, data_dir, preset, label_ratio, max_iterations, seed, device, run_dir, ablation)
 root = prepare_data(settings)
 checkpoint = settings.run_dir / "last.pt"
 if not checkpoint.is_file():

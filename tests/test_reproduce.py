@@ -9,7 +9,10 @@ import pytest
 
 from dkuxnet.config import get_preset
 from dkuxnet.errors import DataError
-from dkuxnet.reproduce import COLAB_CHANGES, NOTEBOOKS, plan_runs, prepare_data, reproduce, resolve_profile
+from dkuxnet.reproduce import (
+    COLAB_CHANGES, CPU_CELLS, CPU_VNET_CHANGES, CPU_VNET_ITERATIONS, NOTEBOOKS, Cell, format_table, plan_cells, plan_runs,
+    prepare_data, reproduce, resolve_profile, run_cell,
+)
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -18,7 +21,7 @@ def test_smoke_profile_defaults():
     s = resolve_profile("smoke", label_ratio=0.2, seed=3, device="cpu")
     assert s.smoke and s.preset == "tiny" and s.max_iterations == 40
     assert s.data_dir == Path("../_build/phantom")
-    assert s.run_dir == Path("../_build/runs/smoke-r0.2-s3")
+    assert s.ablation == "all" and s.run_dir == Path("../_build/runs/smoke/tiny-all-r0.2-s3")
     assert "not comparable to the paper" in s.note and "CPU" in s.note
 
 
@@ -26,14 +29,14 @@ def test_paper_profile_defaults_use_the_preset_schedule():
     s = resolve_profile("paper", label_ratio=0.05, seed=1337, device="cuda")
     assert not s.smoke and s.preset == "paper" and s.data_dir == Path("../data/LA")
     assert s.max_iterations == 15000  # get_preset("paper").train.max_iterations
-    assert s.run_dir == Path("../runs/paper-r0.05-s1337")
+    assert s.run_dir == Path("../runs/paper/paper-all-r0.05-s1337")
     assert resolve_profile("paper", preset="vnet", device="cpu").max_iterations == 6000
 
 
 def test_colab_profile_is_the_paper_profile_with_the_colab_changes():
     s = resolve_profile("colab", label_ratio=0.2, seed=7, device="cuda")
     assert not s.smoke and s.colab and s.preset == "paper" and s.data_dir == Path("../data/LA")
-    assert s.max_iterations == 15000 and s.run_dir == Path("../runs/colab-r0.2-s7")
+    assert s.max_iterations == 15000 and s.run_dir == Path("../runs/colab/paper-all-r0.2-s7")
     cfg, paper = s.config(), resolve_profile("paper", label_ratio=0.2, seed=7, device="cuda").config()
     assert (cfg.data.labeled_bs, cfg.data.unlabeled_bs, cfg.data.views) == (1, 1, 2)
     assert cfg.override(**{k: getattr(getattr(paper, k.split(".")[0]), k.split(".")[1]) for k, _ in COLAB_CHANGES}) == paper
@@ -65,7 +68,8 @@ def test_settings_config_overrides_the_preset():
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"profile": "gpu"}, "profile"), ({"profile": "smoke", "label_ratio": 0.0}, "label_ratio"),
-     ({"profile": "smoke", "max_iterations": -1}, "max_iterations")],
+     ({"profile": "smoke", "max_iterations": -1}, "max_iterations"),
+     ({"profile": "smoke", "ablation": "consistency"}, "ablation")],
 )
 def test_bad_parameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -92,14 +96,117 @@ def test_smoke_profile_writes_the_phantom_once(tmp_path):
 def test_plan_runs_paths_and_parameters(tmp_path):
     runs = plan_runs("smoke", [0.05, 0.1], [1, 2], data_dir=tmp_path / "d", runs_dir=tmp_path / "runs",
                      max_iterations=2, device="cpu")
-    assert [r.name for r in runs] == ["smoke-r0.05-s1", "smoke-r0.05-s2", "smoke-r0.1-s1", "smoke-r0.1-s2"]
+    assert [r.name for r in runs] == ["tiny-all-r0.05-s1", "tiny-all-r0.05-s2", "tiny-all-r0.1-s1", "tiny-all-r0.1-s2"]
     p = runs[2].parameters
-    assert runs[2].run_dir == (tmp_path / "runs" / "smoke-r0.1-s1").resolve()
-    assert p == {"profile": "smoke", "label_ratio": 0.1, "seed": 1, "run_dir": str(runs[2].run_dir),
-                 "data_dir": str((tmp_path / "d").resolve()), "max_iterations": 2, "device": "cpu"}
+    assert runs[2].cell == Cell("tiny", "all", 0.1, 1)
+    assert runs[2].run_dir == (tmp_path / "runs" / "tiny-all-r0.1-s1").resolve()
+    assert p == {"profile": "smoke", "preset": "tiny", "ablation": "all", "label_ratio": 0.1, "seed": 1,
+                 "run_dir": str(runs[2].run_dir), "data_dir": str((tmp_path / "d").resolve()), "max_iterations": 2,
+                 "device": "cpu"}
     assert plan_runs("paper", [0.2], [1])[0].parameters["data_dir"] == ""
+    assert plan_runs("paper", [0.2], [1])[0].run_dir == Path("runs/paper/paper-all-r0.2-s1").resolve()
     with pytest.raises(ValueError, match="ratios"):
         plan_runs("smoke", [], [1])
+
+
+def test_cell_names_and_validation():
+    assert Cell("cpu", "all", 0.1, 1337).name == "cpu-all-r0.1-s1337"
+    with pytest.raises(ValueError, match="ablation"):
+        Cell("cpu", "", 0.1, 1337)
+    with pytest.raises(ValueError, match="preset"):
+        Cell("unet", "all", 0.1, 1337)
+
+
+def test_cpu_profile_plans_its_three_cells():
+    runs = plan_runs("cpu")
+    assert [r.cell for r in runs] == list(CPU_CELLS)
+    assert [r.name for r in runs] == ["cpu-all-r0.1-s1337", "cpu-seg-r0.1-s1337", "vnet-seg-r0.1-s1337"]
+    assert runs[2].run_dir == Path("runs/cpu/vnet-seg-r0.1-s1337").resolve()
+    # the configs the notebooks build from these parameters
+    settings = [resolve_profile(**r.parameters) for r in runs]
+    configs = [s.config() for s in settings]
+    assert all(s.device == "cpu" and s.data_dir == Path("../data/LA") for s in settings)
+    assert all(c.data.resample == 2 and c.data.label_ratio == 0.1 and c.train.seed == 1337 for c in configs)
+    dk_all, dk_seg, vnet = configs
+    assert (dk_all.preset, dk_all.loss.ablation, dk_all.train.max_iterations) == ("cpu", "all", 900)
+    assert (dk_seg.preset, dk_seg.loss.ablation, dk_seg.train.max_iterations) == ("cpu", "seg", 900)
+    assert dk_seg.override(**{"loss.ablation": "all"}) == dk_all
+    assert (vnet.preset, vnet.loss.ablation, vnet.train.max_iterations) == ("vnet", "seg", CPU_VNET_ITERATIONS)
+    assert CPU_VNET_ITERATIONS == 2200 and vnet.train.lr_step == 917
+    assert vnet == get_preset("vnet").override(**dict(CPU_VNET_CHANGES), **{
+        "train.max_iterations": 2200, "train.seed": 1337, "data.label_ratio": 0.1,
+    })
+
+
+def test_plan_cells_widens_the_grid():
+    cells = plan_cells("paper", ratios=[0.1], presets=["paper", "vnet"], ablations=["seg", "all"])
+    assert [c.name for c in cells] == [
+        "paper-seg-r0.1-s1337", "paper-all-r0.1-s1337", "vnet-seg-r0.1-s1337", "vnet-all-r0.1-s1337",
+    ]
+    assert [c.name for c in plan_cells("paper", seeds=[1])] == [f"paper-all-r{r}-s1" for r in (0.05, 0.1, 0.2)]
+    assert [c.name for c in plan_cells("cpu", ablations=["seg"])] == ["cpu-seg-r0.1-s1337"]
+    assert [c.name for c in plan_cells("smoke", [0.1], [1])] == ["tiny-all-r0.1-s1"]
+    with pytest.raises(ValueError, match="ablation"):
+        plan_cells("paper", ablations=["none"])
+    with pytest.raises(ValueError, match="presets"):
+        plan_cells("paper", presets=[])
+
+
+def test_train_notebook_declares_ablation():
+    papermill = pytest.importorskip("papermill")
+    declared = papermill.inspect_notebook(str(NOTEBOOKS_DIR / "03_train.ipynb"))
+    assert declared["ablation"]["inferred_type_name"] == "str" and declared["ablation"]["default"] == '""'
+
+
+def test_run_cell_records_wall_time_resumes_and_reports_failures(tmp_path, monkeypatch):
+    papermill = pytest.importorskip("papermill")
+    from papermill.exceptions import PapermillExecutionError
+
+    calls: list[tuple[str, dict]] = []
+
+    def fake_execute(source, output, parameters, **kwargs):
+        calls.append((Path(source).stem, parameters))
+        if parameters["ablation"] == "qdc":
+            raise PapermillExecutionError(3, 3, "train(...)", "CheckpointError", "boom", [])
+        (Path(parameters["run_dir"]) / "eval").mkdir(parents=True, exist_ok=True)
+        (Path(parameters["run_dir"]) / "eval" / "summary.json").write_text('{"metrics": {"dice": {"mean": 0.5}}}')
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    cell = Cell("cpu", "seg", 0.1, 1337)
+    (tmp_path / "cpu-seg-r0.1-s1337").mkdir()
+    (tmp_path / "cpu-seg-r0.1-s1337" / "last.pt").write_bytes(b"x")
+    record = run_cell(cell, "cpu", tmp_path, progress=False)
+    assert [name for name, _ in calls] == list(NOTEBOOKS)
+    assert calls[0][1]["resume"] is True and "resume" not in calls[1][1]  # a cpu run resumes its last.pt
+    assert record["cell"] == "cpu-seg-r0.1-s1337" and record["status"] == "ok" and record["seconds"] >= 0
+    assert record["start"] <= record["end"] and record["metrics"]["dice"]["mean"] == 0.5
+    calls.clear()
+    run_cell(Cell("tiny", "seg", 0.1, 1), "smoke", tmp_path, progress=False)
+    assert calls[0][1]["resume"] is False
+    failed = run_cell(Cell("cpu", "qdc", 0.1, 1337), "cpu", tmp_path, progress=False)
+    assert failed["status"] == "failed" and failed["error"] == "CheckpointError: boom" and "metrics" not in failed
+    table = format_table([record, failed]).splitlines()
+    assert table[0].split() == ["cell", "status", "seconds", "Dice", "(%)"]
+    assert table[1].split()[::3] == ["cpu-seg-r0.1-s1337", "50.00"] and table[2].split()[1::2] == ["failed", "-"]
+
+
+def test_cli_reproduce_cpu_runs_its_three_cells_and_prints_the_table(tmp_path, monkeypatch, capsys):
+    papermill = pytest.importorskip("papermill")
+    from dkuxnet.cli import main
+
+    def fake_execute(source, output, parameters, **kwargs):
+        (Path(parameters["run_dir"]) / "eval").mkdir(parents=True, exist_ok=True)
+        (Path(parameters["run_dir"]) / "eval" / "summary.json").write_text('{"metrics": {"dice": {"mean": 0.8}}}')
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    assert main(["reproduce", "--profile", "cpu", "--runs-dir", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["cell"] for r in records] == [c.name for c in CPU_CELLS]
+    assert all({"start", "end", "seconds"} <= set(r) for r in records)
+    lines = capsys.readouterr().out.splitlines()[-4:]
+    assert lines[0].split()[0] == "cell" and [line.split()[0] for line in lines[1:]] == [c.name for c in CPU_CELLS]
+    assert main(["reproduce", "--profile", "cpu", "--ablations", "seg", "--runs-dir", str(tmp_path / "w")]) == 0
+    assert [r["cell"] for r in json.loads((tmp_path / "w" / "summary.json").read_text())] == ["cpu-seg-r0.1-s1337"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -118,11 +225,13 @@ def test_reproduce_smoke_end_to_end(tmp_path):
     for module in ("dkuxnet.train", "dkuxnet.evaluate", "dkuxnet.data.phantom"):
         pytest.importorskip(module, exc_type=ImportError)
     records = reproduce("smoke", [0.1], [1], data_dir=tmp_path / "phantom", runs_dir=tmp_path / "runs",
-                        max_iterations=2, device="cpu", progress=False)
-    run_dir = tmp_path / "runs" / "smoke-r0.1-s1"
+                        max_iterations=2, device="cpu", progress=False, ablations=["seg"])
+    run_dir = tmp_path / "runs" / "tiny-seg-r0.1-s1"
     assert (run_dir / "03_train.ipynb").is_file() and (run_dir / "04_evaluate.ipynb").is_file()
     assert (run_dir / "last.pt").is_file() and (run_dir / "eval" / "summary.json").is_file()
-    assert len(records) == 1 and records[0]["run"] == "smoke-r0.1-s1" and records[0]["label_ratio"] == 0.1
+    assert json.loads((run_dir / "config.json").read_text())["loss"]["ablation"] == "seg"  # the notebook used it
+    assert len(records) == 1 and records[0]["cell"] == "tiny-seg-r0.1-s1" and records[0]["label_ratio"] == 0.1
+    assert records[0]["status"] == "ok" and records[0]["seconds"] > 0
     assert json.loads((tmp_path / "runs" / "summary.json").read_text()) == json.loads(json.dumps(records, default=str))
 
 
