@@ -60,7 +60,7 @@ from dkuxnet.models import create_model
 from dkuxnet.perfreport import summary_line
 from dkuxnet.reproduce import COLAB_CHANGES
 
-LA_TEST_SHAPE = (175, 132, 88)  # protocol.md §2.1 example case; 45 windows at 112×112×80
+LA_TEST_SHAPE = (175, 132, 88)  # an example LA test case; 45 windows of the UA-MT grid at 112×112×80
 LA_PATCH = (112, 112, 80)
 CPU_CHANGES = {  # every row on the CPU: a small patch (divisible by 16 for V-Net), fewer voxel-level NT-Xent samples
     "data.patch_size": (32, 32, 16), "loss.voxel_samples": 512,
@@ -193,7 +193,7 @@ def saved_tensor_bytes_by_part(
     running when autograd saved it, else to ``outside``. Storages of ``exclude`` (the parameters) are not
     counted; nor is what a non-reentrant checkpoint inside ``fn`` recomputes in backward (its own hooks
     take precedence). The activation memory a training step holds between forward and backward, on any
-    device (engineering.md B.2).
+    device (the book's performance page, "Activation memory: a CPU estimate").
     """
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, tuple[str, int]] = {}

@@ -1,7 +1,7 @@
 """One explicit configuration tree (nanoGPT's ``GPTConfig``, grown up).
 
 Every run is described by a frozen :class:`Config` made of four parts. The defaults are the
-``paper`` preset: the reading of the DKUXNet paper written down in ``method.md``; every field that
+``paper`` preset: the reading of the DKUXNet paper written down on the book's method page; every field that
 the paper leaves open and we chose is marked ``[decision]`` in its comment. Presets:
 
 * ``paper``          — 3 kMaX scales x 2 layers, deep-supervised assignment heads (65,217,790 parameters).
@@ -40,7 +40,7 @@ class ModelConfig:
     arch: str = "dkuxnet"  # "dkuxnet" or "vnet"
     in_channels: int = 1
     num_classes: int = 2  # K; LA: background, left atrium
-    widths: tuple[int, ...] = (48, 96, 192, 384)  # UX-Net stage widths (method.md 3.1)
+    widths: tuple[int, ...] = (48, 96, 192, 384)  # UX-Net stage widths (3D UX-Net, arXiv:2209.15076)
     depths: tuple[int, ...] = (2, 2, 2, 2)  # UX blocks per stage
     hidden: int = 768  # bottleneck width of enc5
     num_queries: int = 128  # N cluster centres
@@ -50,7 +50,7 @@ class ModelConfig:
     ffn_dim: int = 2048  # query FFN hidden width
     kmax_scales: int = 3  # [decision] dec3, dec2, dec1 (paper text; UXNET); the DKUNET class runs 2
     kmax_layers_per_scale: int = 2
-    query_groups: tuple[int, ...] = (16, 4, 108)  # background / organ / "tumor" (method.md 4)
+    query_groups: tuple[int, ...] = (16, 4, 108)  # background / organ / "tumor" (MaxQuery; book: method page)
     mlp_hidden: int = 64  # cluster-classification MLP over all flattened centres
     seg_head: str = "query"  # [decision] "query": Y = Σ Φ·S is the segmentation; "conv": a conv head on dec0 (official script)
     two_networks: bool = False  # [decision] False: one shared-weight network for both views; True: one per view
@@ -62,7 +62,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Training objective L = L_seg + ramp(t) (lambda_qdc L_qdc + lambda_segc L_segc) (method.md 5.6)."""
+    """Training objective L = L_seg + ramp(t) (lambda_qdc L_qdc + lambda_segc L_segc) (book: method page)."""
 
     seg_loss: str = "dice_ce"  # "dice_ce" (MONAI semantics) or "uamt" (0.5 (CE + fg Dice), V-Net repos)
     lambda_qd: float = 1.0  # [decision] query-distribution loss weight (official: 0.1)
@@ -82,7 +82,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Sampling, views and augmentation (protocol.md 1.6, method.md 5.3)."""
+    """Sampling, views and augmentation (book: data and decisions pages)."""
 
     patch_size: tuple[int, int, int] = (112, 112, 80)
     resample: int = 1  # integer downsampling factor at load time (image: mean pooling, label: majority vote)
@@ -102,7 +102,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, precision and bookkeeping (method.md 6)."""
+    """Optimisation, precision and bookkeeping (book: decisions page, "Optimisation")."""
 
     max_iterations: int = 15000  # [decision] the paper gives none; MC-Net/CAML-style 15k
     optimizer: str = "adamw"  # "adamw" (official code) or "sgd" (V-Net repos)

@@ -2,8 +2,8 @@
 
 A :class:`Run` holds everything one optimisation step touches: the model, the optimiser, the data
 resident on the device (a :class:`~dkuxnet.data.VolumeBank`), the two-stream sampler and the random
-generators. :func:`train_step` performs one iteration of ``method.md`` §5.6 without a single host
-sync (no ``.item()``, ``float(tensor)`` or ``.cpu()``): the loss parts are summed into device
+generators. :func:`train_step` performs one iteration of the objective on the book's method page without a
+single host sync (no ``.item()``, ``float(tensor)`` or ``.cpu()``): the loss parts are summed into device
 tensors, and a non-finite loss is recorded in a device-side counter. :func:`read_window` is the one
 sync a caller makes every ``log_every`` iterations.
 
@@ -71,7 +71,7 @@ def effective_unlabeled_bs(cfg: Config) -> int:
 def lr_at(cfg: TrainConfig, iteration: int) -> float:
     """Learning rate of the step that follows ``iteration`` completed steps.
 
-    ``lr · 0.1^⌊iteration / lr_step⌋`` (the V-Net repositories' step decay, ``protocol.md`` §1.7), or
+    ``lr · 0.1^⌊iteration / lr_step⌋`` (the V-Net repositories' step decay, e.g. UA-MT's training scripts), or
     the constant ``lr`` when ``lr_step == 0``.
     """
     return cfg.lr * 0.1 ** (iteration // cfg.lr_step) if cfg.lr_step > 0 else cfg.lr
@@ -107,7 +107,7 @@ def build_run(cfg: Config, bank: VolumeBank, n_labeled: int, device: str | torch
         if cfg.loss.qdc_on != "cluster_probs":
             raise ValueError(
                 "model.two_networks needs loss.qdc_on='cluster_probs': the query indices of two independently "
-                "initialised networks do not correspond, so L_qdc compares the group outputs O (method.md §5.4)"
+                "initialised networks do not correspond, so L_qdc compares the group outputs O (book: decisions page)"
             )
     n_unlabeled = len(bank) - n_labeled
     if not 0 < n_labeled <= len(bank):

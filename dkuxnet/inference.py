@@ -1,6 +1,6 @@
 """Whole-volume prediction: the LA protocol grid (UA-MT) and a fast MONAI mode.
 
-Protocol mode reproduces UA-MT's ``test_util.test_single_case`` window for window (protocol.md §2.1):
+Protocol mode reproduces UA-MT's ``test_util.test_single_case`` window for window (https://github.com/yulequan/UA-MT):
 an axis shorter than the patch is zero padded, ``(patch − size)//2`` before and the rest after; the
 window starts along an axis of (padded) length S are ``min(i·s, S − p)`` for
 ``i < ceil((S − p)/s) + 1``; the softmax probabilities of all windows are summed and divided by the

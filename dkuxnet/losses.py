@@ -1,4 +1,4 @@
-"""Training losses of DKUXNet (method.md §5): pure functions, fp32 inside, no host syncs.
+"""Training losses of DKUXNet (the book's method page, "The losses"): pure functions, fp32 inside, no host syncs.
 
 Shapes: B volumes, K classes, N queries, G query groups, C channels, V voxels (``...`` = spatial dims).
 Every function upcasts half-precision inputs to fp32 and runs with autocast disabled, so bf16 model outputs give
@@ -97,7 +97,7 @@ def uamt_seg_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def label_to_group(label: Tensor, num_groups: int) -> Tensor:
-    r"""Query-group target :math:`\hat y = \min(y, G-1)` (method.md §4); same dtype as ``label``."""
+    r"""Query-group target :math:`\hat y = \min(y, G-1)` (book: method page); same dtype as ``label``."""
     if num_groups < 1:
         raise ValueError(f"num_groups: must be >= 1, got {num_groups}")
     return label.clamp(max=num_groups - 1)
@@ -148,7 +148,7 @@ def grouped_logsumexp(z: Tensor, group_sizes: Sequence[int]) -> Tensor:
 
 
 def qd_loss(query_logits: Tensor, group_target: Tensor, group_sizes: Sequence[int], reduction: str = "mean") -> Tensor:
-    r"""Query-distribution (QD) loss: NLL of the query masses merged into groups (method.md §5.1).
+    r"""Query-distribution (QD) loss: NLL of the query masses merged into groups (book: method page, "Supervised loss").
 
     .. math::
         \log O_{g,v} = \operatorname{logsumexp}_{n\in g} L_{n,v} - \operatorname{logsumexp}_{n} L_{n,v},\qquad
@@ -206,7 +206,7 @@ def downsample_nearest(label: Tensor, size: Sequence[int]) -> Tensor:
 def deep_supervision_loss(
     aux: Sequence[Tensor], label: Tensor, group_sizes: Sequence[int], reduction: str = "mean"
 ) -> Tensor:
-    r"""Deep supervision of the per-layer kMaX assignments (method.md §5.2).
+    r"""Deep supervision of the per-layer kMaX assignments (book: method page, "Supervised loss").
 
     .. math::
         L_{ds} = \frac{1}{|\mathcal L|}\sum_{\ell} L_{qd}\big(M_\ell,\ \min(\mathrm{down}_\ell(y), G-1)\big)
@@ -250,7 +250,7 @@ def ntxent_loss(
     generator: torch.Generator | None = None,
     exclude_same_class: bool = False,
 ) -> Tensor:
-    r"""NT-Xent between the two views of each volume (method.md §5.4, §5.5).
+    r"""NT-Xent between the two views of each volume (book: method page, L_qdc and L_segc).
 
     Items are ordered [view 0 of B volumes, view 1 of B volumes]; the positive of item a is
     p(a) = (a + B) mod 2B. Volume granularity, with the voxel-averaged cosine similarity:
@@ -356,7 +356,7 @@ def semi_supervised_loss(
     group_sizes: Sequence[int],
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    r"""Total objective of method.md §5.6.
+    r"""Total objective (the book's method page, "Total objective and schedule").
 
     .. math::
         L = L_{seg} + r(t)\,(\lambda_{qdc} L_{qdc} + \lambda_{segc} L_{segc}),\qquad

@@ -1,4 +1,4 @@
-"""Per-case segmentation metrics (medpy definitions, protocol.md §2.4) and their aggregation.
+"""Per-case segmentation metrics (medpy definitions, as UA-MT's ``calculate_metric_percase``) and their aggregation.
 
 For a predicted mask P and ground truth G (boolean volumes):
 

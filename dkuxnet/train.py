@@ -1,21 +1,21 @@
 """Semi-supervised training: two views in one pass, resumable runs.
 
-:func:`train` runs ``method.md`` §5.6 for ``cfg.train.max_iterations`` steps: each step draws
-``labeled_bs`` labeled + ``unlabeled_bs`` unlabeled cases (``protocol.md`` §1.6 two-stream sampler),
+:func:`train` runs the objective of the book's method page for ``cfg.train.max_iterations`` steps: each step draws
+``labeled_bs`` labeled + ``unlabeled_bs`` unlabeled cases (UA-MT's two-stream sampler),
 augments them spatially once, forms a weak view (the crop) and a strong view (intensity-only
-perturbation of the same crop, ``method.md`` §5.3), forwards both in one batch and minimises
+perturbation of the same crop; book: decisions page), forwards both in one batch and minimises
 :func:`dkuxnet.losses.semi_supervised_loss`. The V-Net supervised baseline (preset ``vnet``: one
 view, labeled only) and the ``seg`` ablation run through the same loop. The step itself lives in
 :mod:`dkuxnet.engine` (``build_run`` / ``train_step``) so notebooks and the benchmark call the same
 code.
 
-Schedule **[decision]** (``method.md`` §6): AdamW, lr 1e-4, weight decay 0.01, constant learning
+Schedule **[decision]** (book: decisions page, "Optimisation"): AdamW, lr 1e-4, weight decay 0.01, constant learning
 rate, 15,000 iterations, consistency weights ramped to full strength at iteration 6,000
 (t = iteration // 150, T_r = 40). Why: AdamW at 1e-4 with torch's default decay and no schedule is
 what the authors' official code uses; the paper states no iteration count, and 15k iterations with
 the 6k ramp is the budget of the 15k-iteration LA baselines (MC-Net, SS-Net, CAML), so the
 semi-supervised terms act at full weight for the last 60% of the run. ``vnet`` keeps its own
-protocol recipe (SGD 0.01, ×0.1 every 2,500 iterations, 6,000 iterations; ``protocol.md`` §1.7).
+protocol recipe (SGD 0.01, ×0.1 every 2,500 iterations, 6,000 iterations; UA-MT's LA training scripts).
 
 Run folder (``out_dir``):
 

@@ -87,7 +87,7 @@ def test_config_is_the_offline_recipe() -> None:
     assert sphinx["html_js_files"] == ["plotly.min.js"]
     assert set(sphinx["nb_ipywidgets_js"]) == {"require.js", "widgets/embed-amd.js"}
     assert cfg["launch_buttons"]["binderhub_url"] and cfg["launch_buttons"]["colab_url"]
-    assert not (ROOT / "_static").exists(), "a top-level _static/ makes JB1 inject every .js in it (tooling.md §5.7)"
+    assert not (ROOT / "_static").exists(), "a top-level _static/ makes JB1 inject every .js in it"
     for bib in cfg.get("bibtex_bibfiles", []):
         assert (ROOT / bib).exists(), f"bibtex file {bib} is missing"
 
@@ -142,6 +142,129 @@ def test_prose_names_real_config_fields() -> None:
     named = {m for p in BOOK_PAGES for m in re.findall(pattern, p.read_text(encoding="utf-8"))} - {"train.list"}
     assert named, "expected config fields named on the prose pages (decisions.md)"
     assert not named - fields, f"book/*.md names config fields that do not exist: {sorted(named - fields)}"
+
+
+# --- references a reader can open ----------------------------------------------------------------
+
+# Design documents that were never part of the repository. The names are assembled from parts so that
+# this file does not match itself. The book's own method page (book/method.md) is fine; what is not is
+# a section number after it, or after any other .md name, since no page of the book has numbered sections.
+_DESIGN_DOCS = [f"{stem}.{'md'}" for stem in ("protocol", "engineering", "tooling")]
+_DEAD_POINTER = re.compile(
+    "|".join(re.escape(name) for name in _DESIGN_DOCS)
+    + "|" + re.escape("method" + ".md") + r"`*\s*\d+(?:\.\d+)*\b"
+    + r"|\.md`*[\s,]*" + "\u00a7"
+)
+
+
+def _repository_files() -> list[Path]:
+    """Tracked files plus untracked ones git does not ignore (so a new file is checked before its commit)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    proc = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"not a git checkout: {proc.stderr.decode(errors='replace').strip()}")
+    names = sorted({n for n in proc.stdout.decode().split("\0") if n})
+    return [ROOT / n for n in names if (ROOT / n).is_file()]
+
+
+def test_no_pointers_to_unpublished_design_documents() -> None:
+    """Every pointer in the repository names something a reader can open: a book page, a paper, a repository."""
+    hits = []
+    for path in _repository_files():
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:
+            continue  # binary
+        for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+            if m := _DEAD_POINTER.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{lineno}: {m.group(0)!r}")
+    assert not hits, (
+        "pointers to design documents that are not in the repository; cite the book page "
+        "(book/*.md, notebooks/*), the paper or the public repository instead:\n" + "\n".join(hits)
+    )
+
+
+_SOURCE_PAGES = BOOK_PAGES + sorted((ROOT / "notebooks").glob("*.py"))
+_ROLE = re.compile(r"\{(doc|ref)\}`([^`]+)`")
+_LABEL = re.compile(r"^[ \t]*(?:#[ \t]*)?\(([^()\s]+)\)=[ \t]*$", re.MULTILINE)
+_LINK = re.compile(r"\]\(([^()\s]+)\)")
+_CITE = re.compile(r"\{cite(?::\w+)?\}`([^`]+)`")
+
+
+def _markdown(page: Path) -> str:
+    """The prose of a page: all of a book page; the comment lines (markdown cells) of a jupytext notebook."""
+    text = page.read_text(encoding="utf-8")
+    if page.suffix == ".py":
+        text = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
+    return text
+
+
+def _doc_name(page: Path, target: str) -> str:
+    """``{doc}`` target or relative link of ``page`` as a _toc.yml entry (``book/data``, ``notebooks/01_data``)."""
+    base = ROOT if target.startswith("/") else page.parent
+    path = Path(os.path.normpath(base / target.lstrip("/")))
+    if path.suffix in (".md", ".ipynb", ".py"):
+        path = path.with_suffix("")
+    try:
+        return path.relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def test_myst_cross_references_resolve() -> None:
+    """``{doc}``, ``{ref}``, relative links and ``{cite}`` keys of the book's sources all point somewhere.
+
+    The built book would catch these too (Sphinx -W -n), but only after a full ``make book``.
+    """
+    labels = {m for page in _SOURCE_PAGES for m in _LABEL.findall(page.read_text(encoding="utf-8"))}
+    bib = (ROOT / "book" / "references.bib").read_text(encoding="utf-8")
+    keys = set(re.findall(r"^@\w+\{([^,\s]+),", bib, flags=re.MULTILINE))
+    toc = set(TOC)
+    broken = []
+    for page in _SOURCE_PAGES:
+        text = _markdown(page)
+        where = page.relative_to(ROOT)
+        for role, content in _ROLE.findall(text):
+            target = m.group(1) if (m := re.search(r"<([^<>]+)>\s*$", content)) else content.strip()
+            if role == "doc" and _doc_name(page, target) not in toc:
+                broken.append(f"{where}: {{doc}}`{content}` is not a page of _toc.yml")
+            if role == "ref" and target not in labels:
+                broken.append(f"{where}: {{ref}}`{content}`: no label ({target})= in book/*.md or notebooks/*.py")
+        for target in _LINK.findall(text):
+            target = target.split("#")[0]
+            if not target or re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                continue  # anchor on the same page, or a URL
+            name = _doc_name(page, target)
+            if name not in toc and not (ROOT / name).exists():
+                broken.append(f"{where}: link ({target}) is neither a page of _toc.yml nor a file")
+        for content in _CITE.findall(text):
+            broken += [f"{where}: cite key {k.strip()!r} is not in book/references.bib"
+                       for k in content.split(",") if k.strip() not in keys]
+    assert labels, "expected (label)= targets in book/*.md"
+    assert not broken, "\n".join(broken)
+
+
+def test_bibliography_links_every_compared_method() -> None:
+    """Every entry of references.bib links its work; every method of the paper's tables is listed and cited."""
+    bib = (ROOT / "book" / "references.bib").read_text(encoding="utf-8")
+    entries = re.findall(r"^@\w+\{([^,\s]+),(.*?)^\}", bib, flags=re.MULTILINE | re.DOTALL)
+    assert entries
+    unlinked = [key for key, body in entries if not re.search(r"^\s*(?:url|doi)\s*=", body, flags=re.MULTILINE)]
+    assert not unlinked, f"references.bib entries without url or doi: {unlinked}"
+    page = (ROOT / "book" / "references.md").read_text(encoding="utf-8")
+    records = json.loads((ROOT / "dkuxnet" / "paper_results.json").read_text(encoding="utf-8"))["records"]
+    methods = {r["method"] for r in records if r["table"] == "main"}
+    assert {"V-Net", "CAML", "DKUXNet"} <= methods
+    for method in sorted(methods):
+        name = re.compile(re.escape(method) + r"(?![\w+])")
+        assert name.search(bib), f"{method} (paper's comparison table) has no entry in book/references.bib"
+        assert name.search(page), f"{method} (paper's comparison table) is not listed on book/references.md"
+    for must in ("How to cite", "```bibtex", "{bibliography}"):
+        assert must in page, f"book/references.md lacks {must!r}"
+    assert (ROOT / "CITATION.cff").exists(), "CITATION.cff is missing at the repository root"
 
 
 # --- the built site ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Patch sampling (protocol.md 1.6), the strong view (method.md 5.3) and the two-stream sampler."""
+"""Patch sampling (UA-MT's LA protocol), the strong view (book: decisions page) and the two-stream sampler."""
 
 from __future__ import annotations
 

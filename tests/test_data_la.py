@@ -17,14 +17,14 @@ from dkuxnet.data.download import read_manifest, sha256_file, sha256sums_text
 from dkuxnet.data.la import split_ids, validate_case
 from dkuxnet.errors import DataError
 
-# protocol.md 1.5: the nested labeled subsets are the first 4 / 8 / 16 lines of train.list
+# The book's data page ("The fixed split"): the nested labeled subsets are the first 4 / 8 / 16 lines of train.list
 LABELED_16 = [
     "06SR5RBREL16DQ6M8LWS", "0RZDK210BSMWAA6467LU", "1D7CUD1955YZPGK8XHJX", "1GU15S0GJ6PFNARO469W",
     "1MHBF3G6DCPWHSKG7XCP", "23X6SY44VT9KFHR7S7OC", "2XL5HSFSE93RMOJDRGR4", "38CWS74285MFGZZXR09Z",
     "3C2QTUNI0852XV7ZH4Q1", "3DA0T2V6JJ2NLUAV6FWM", "4498CA6DZWELOXCBRYRF", "45C45I6IXAFGNRO067W9",
     "4CHFJGF6ZUM7CMZTNFQF", "4EPVTT1HPA8U60CDUKXE", "57SGAJMLCTCH92QUA0EE", "5BHTH9RHH3PQT913I59W",
 ]
-TEST_HEAD = ["UPT6DX9IQY9JAZ7HJKA7", "UTBUJIWZMKP64E3N73YC", "ULHWPWKKLTE921LQLH1P"]  # protocol.md 6.2
+TEST_HEAD = ["UPT6DX9IQY9JAZ7HJKA7", "UTBUJIWZMKP64E3N73YC", "ULHWPWKKLTE921LQLH1P"]  # head of UA-MT's test.list
 
 
 def write_case(root: Path, case_id: str, image=None, label=None) -> Path:
@@ -250,7 +250,7 @@ def test_real_split_is_the_protocol_subset(la_root, ratio, n):
 
 @pytest.mark.real_data
 def test_real_case_matches_protocol_manifest(la_root):
-    image, label = read_case(la_root, "06SR5RBREL16DQ6M8LWS")  # protocol.md 6.3, row 1
+    image, label = read_case(la_root, "06SR5RBREL16DQ6M8LWS")  # line 1 of train.list
     assert image.shape == (183, 140, 88) and image.dtype == np.float32
     assert int(label.sum()) == 154296
 

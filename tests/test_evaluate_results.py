@@ -209,7 +209,7 @@ def test_paper_records_are_labelled_and_match_method_targets():
     ablation = [(r["ablation"], r["dice"], r["jaccard"], r["hd95"], r["asd"]) for r in paper_results("ablation")]
     assert ablation == [("seg", 77.73, 64.42, 16.86, 3.92), ("qdc", 82.12, 70.16, 23.63, 5.99),
                         ("segc", 85.52, 75.49, 14.90, 3.73), ("all", 90.41, 82.69, 7.32, 1.71)]
-    for r in records:  # mean Jaccard ≥ J(mean Dice) (protocol.md §2.4) up to rounding
+    for r in records:  # mean Jaccard ≥ J(mean Dice) (J = D / (2 − D) is convex) up to rounding
         d = r["dice"] / 100
         assert r["jaccard"] / 100 >= d / (2 - d) - 1e-3
 

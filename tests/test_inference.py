@@ -192,4 +192,4 @@ def test_la_test_set_has_1128_windows():
         with h5py.File(case_path(LA_ROOT, case_id), "r") as f:
             shapes.append(f["image"].shape)
     counts = [len(protocol_windows(s)) for s in shapes]
-    assert len(counts) == 20 and sum(counts) == 1128 and (min(counts), max(counts)) == (45, 84)  # protocol.md §2.1
+    assert len(counts) == 20 and sum(counts) == 1128 and (min(counts), max(counts)) == (45, 84)  # UA-MT grid

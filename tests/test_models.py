@@ -148,12 +148,12 @@ def test_dkunet_assignment_heads_get_no_gradient():
 
 def test_parameter_counts():
     paper, official, dkunet, vnet = (model_info(p) for p in ("paper", "official", "authors-script", "vnet"))
-    assert paper["parameters"] == 65_217_790  # method.md §3.6
-    assert vnet["parameters"] == 9_448_866  # protocol.md §3 / MC-Net issue #14
+    assert paper["parameters"] == 65_217_790  # notebooks/02_model, `dkuxnet model-info`
+    assert vnet["parameters"] == 9_448_866  # UA-MT's V-Net / MC-Net issue #14
     assert official["parameters"] == 65_342_304  # paper + the conv head (124,514)
     assert dkunet["parameters"] == 61_937_114  # the DKUNET class: 2 kMaX scales
     for info in (paper, official, dkunet):
-        assert info["authors_dkunet"]["parameters"] == 65_503_397  # the authors' DKUNET class, method.md §3.6
+        assert info["authors_dkunet"]["parameters"] == 65_503_397  # the authors' DKUNET class (book: decisions)
         assert sum(info["parts"].values()) == info["parameters"]
     assert dkunet["authors_dkunet"]["dead_parts_not_built"]["unused_kmax_layers"] == 3_297_124
     assert paper["assignment_heads_trained"] and not official["assignment_heads_trained"]
@@ -273,7 +273,7 @@ def test_checkpoint_activations_keeps_less_than_half_the_activations():
 
 
 def test_conv_seg_head_is_the_authors_conv_head_and_becomes_seg_logits():
-    assert model_info("paper")["parameters"] + 124_514 == 65_342_304  # method.md §3.6: conv head 124,514
+    assert model_info("paper")["parameters"] + 124_514 == 65_342_304  # book: decisions page, conv head 124,514
     cfg = get_preset("paper").model
     with torch.device("meta"):
         conv = create_model(dataclasses.replace(cfg, seg_head="conv"))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Headless Chromium check of a page of the built book, offline (flags from ../shared/docs/tooling.md §2.1).
+# Headless Chromium check of a page of the built book, offline.
 #
 #   tools/screenshot.sh HTML_DIR PAGE OUT.png [WIDTH,HEIGHT]
 #

@@ -1,10 +1,10 @@
 """Training-time sampling and augmentation on tensors (CPU or GPU, explicit generators).
 
-* :func:`sample_patches` — the LA protocol's RandomRotFlip → RandomCrop (protocol.md 1.6) for a
+* :func:`sample_patches` — the LA protocol's RandomRotFlip → RandomCrop (UA-MT's ``dataloaders/la_heart.py``) for a
   batch of cases of a :class:`~dkuxnet.data.cache.VolumeBank`. The crop is cut from the stored
   volume first and only the patch is rotated and flipped (equal result, no full-volume copy). This
   patch is the *weak view*.
-* :func:`strong_view` — intensity-only perturbation of a batch of patches (method.md 5.3); no
+* :func:`strong_view` — intensity-only perturbation of a batch of patches (the book's decisions page); no
   spatial change, so weak and strong views stay voxel-aligned by construction.
 * :class:`TwoStreamSampler` — the 2 labeled + 2 unlabeled batch index stream, resumable.
 """
@@ -29,7 +29,7 @@ def _randint(high: int, generator: torch.Generator) -> int:
 def sample_patches(
     bank: VolumeBank, indices: list[int], patch: tuple[int, int, int], generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut one randomly rotated, flipped, padded and cropped patch per index (protocol.md 1.6).
+    """Cut one randomly rotated, flipped, padded and cropped patch per index (UA-MT's LA protocol).
 
     Per case, in this order of draws: k ~ U{0..3} (rot90 in the X,Y plane), flip axis ~ U{X, Y}
     (always a flip), crop offsets o ~ U{0..size−patch−1} per axis (exclusive upper end as the
@@ -106,7 +106,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.T
 
 
 def strong_view(x: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:
-    """Intensity-only strong view of a batch (method.md 5.3), each item drawn independently.
+    """Intensity-only strong view of a batch (book: decisions page), each item drawn independently.
 
     In this order: with p = ``contrast_p``: x·c + s, c ~ U[contrast_range], s ~ U[±shift_range];
     with p = ``blur_p``: Gaussian blur, σ ~ U[blur_sigma] (separable, radius ⌈3·σ_max⌉); always:
@@ -136,7 +136,7 @@ def strong_view(x: torch.Tensor, cfg: DataConfig, generator: torch.Generator) ->
 
 
 class TwoStreamSampler:
-    """Endless stream of ``(labeled_idx, unlabeled_idx)`` batches (protocol.md 1.6).
+    """Endless stream of ``(labeled_idx, unlabeled_idx)`` batches (UA-MT's ``TwoStreamBatchSampler``).
 
     An epoch is a random permutation of the labeled indices chunked by ``labeled_bs`` (drop last);
     when ``n_labeled < labeled_bs`` the epoch is ⌈labeled_bs / n_labeled⌉ chained permutations, so

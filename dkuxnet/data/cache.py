@@ -1,6 +1,6 @@
 """Lossless fast cache of LA-layout cases and the in-memory :class:`VolumeBank`.
 
-Reading an LA case from its gzip h5 file takes ~0.2 s (engineering.md B.6); a training run samples
+Reading an LA case from its gzip h5 file takes ~0.2 s; a training run samples
 thousands of crops, so every case is decoded once into uncompressed ``.npy`` files and kept in
 memory as tensors. The cache is lossless:
 

@@ -1,6 +1,6 @@
 """Download the LA benchmark (100 ``mri_norm2.h5`` files + both lists), verified by SHA-256.
 
-Source: the preprocessed h5 files committed to yulequan/UA-MT (protocol.md 1.1, 6.1), pinned to
+Source: the preprocessed h5 files committed to https://github.com/yulequan/UA-MT (the book's data page), pinned to
 commit 88ed29ad; any mirror of that ``data/`` folder works as ``base_url``. Every file is checked
 against the manifest shipped in this package (``la_manifest.sha256``: the 100 lines of the LA
 ``SHA256SUMS`` plus the two lists). Downloads go to ``<file>.part``; an interrupted file is resumed

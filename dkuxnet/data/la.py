@@ -1,6 +1,6 @@
 """The LA benchmark folder: case files, split lists, validation and labeled/unlabeled splits.
 
-Layout (protocol.md 1.2-1.5), shared by the real data and the synthetic phantom::
+Layout (the book's data page), shared by the real data and the synthetic phantom::
 
     <root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5   # "image" float32 (X,Y,Z), "label" uint8 {0,1}
     <root>/train.list                                 # 80 IDs, one per line, read verbatim (order matters)
@@ -183,7 +183,7 @@ def check_dataset(root: Path, progress: bool = True) -> DatasetReport:
 
 @dataclass(frozen=True)
 class Split:
-    """Case IDs of one semi-supervised setting (protocol.md 1.5)."""
+    """Case IDs of one semi-supervised setting (the first 4 / 8 / 16 lines of ``train.list``; book: data page)."""
 
     labeled: list[str]
     unlabeled: list[str]

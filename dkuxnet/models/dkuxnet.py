@@ -2,7 +2,8 @@
 
 Wu, Li, Zhang, "Semi-supervised Medical Image Segmentation via Query Distribution Consistency",
 ISBI 2024 (arXiv 2311.12364); official code ``Rows21/DK-UXNet`` (``networks/DKUNet/network_backbone.py:
-DKUNET``). Architecture as reconstructed in method.md §3 (shapes §3.5, parameter counts §3.6).
+DKUNET``). Architecture as reconstructed on the book's method page ("The network"); shapes and parameter
+counts per part in the model notebook (``notebooks/02_model``) and ``python -m dkuxnet model-info``.
 
 Presets (``dkuxnet.config.get_preset``):
 
@@ -233,7 +234,7 @@ def authors_dead_parts(cfg: ModelConfig) -> dict[str, int]:
 
 
 def named_parts(model: DKUXNet) -> dict[str, nn.Module]:
-    """The model's components by the names of method.md §3 (encoder, enc1…, dec3…dec0, kmax.dec3.0…, heads)."""
+    """The model's components by name (encoder, enc1…, dec3…dec0, kmax.dec3.0…, heads; book: method page)."""
     n_dec = len(model.decoders)
     out: dict[str, nn.Module] = {"encoder": model.encoder}
     out |= {f"enc{i + 1}": m for i, m in enumerate(model.encoders)}
@@ -246,6 +247,6 @@ def named_parts(model: DKUXNet) -> dict[str, nn.Module]:
 
 
 def parts(model: DKUXNet) -> dict[str, int]:
-    """Parameter count per component (sums to the total), named as in method.md §3."""
+    """Parameter count per component (sums to the total), named as in :func:`named_parts`."""
     counts = {name: _count(module) for name, module in named_parts(model).items()}
     return counts | {"cluster_centers": model.cluster_centers.numel()}

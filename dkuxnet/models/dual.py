@@ -1,4 +1,4 @@
-"""Two independently initialised DKUXNets, one per view: the ``model.two_networks`` ablation (method.md §5.3).
+"""Two independently initialised DKUXNets, one per view: the ``model.two_networks`` ablation (book: decisions page).
 
 The paper's Fig. 1 draws a StrongAug and a WeakAug branch, each an "Encoder-Decoder", joined by the
 consistency losses; whether the two share weights is not written, and the official code builds one model.

@@ -2,7 +2,7 @@
 
 Port of ``bytedance/kmax-deeplab: kmax_deeplab/modeling/transformer_decoder/kmax_transformer_decoder.py``
 (itself a port of ``google-research/deeplab2@7a01a71: model/layers/dual_path_transformer.py`` and
-``model/kmax_deeplab.py``) as DK-UXNet's ``networks/DKUNet/transformer_decoder.py`` uses it (method.md §3.3):
+``model/kmax_deeplab.py``) as DK-UXNet's ``networks/DKUNet/transformer_decoder.py`` uses it (book: method page):
 
 * Every "conv" is a 1×1 convolution without bias + BatchNorm (eps 1e-3, momentum 0.01 in PyTorch's sense);
   weights truncated-normal (±2σ) with σ = √(2 / C_in) unless noted.
@@ -290,7 +290,7 @@ class QueryAttention(nn.Module):
 
 
 class KMaXLayer(nn.Module):
-    """One k-means cross-attention layer (deeplab2's ``kMaXTransformerLayer``), method.md §3.3 steps 1–7.
+    """One k-means cross-attention layer (deeplab2's ``kMaXTransformerLayer``; book: method page, "kMaX decoder").
 
     Args:
         pixel_channels: channels of the decoder feature it reads.

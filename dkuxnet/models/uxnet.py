@@ -1,6 +1,6 @@
 """3D UX-Net encoder (Lee et al., ICLR 2023), as in ``MASILab/3DUX-Net: networks/UXNet_3D/uxnet_encoder.py``.
 
-Port notes (method.md §3.1):
+Port notes:
 
 * The "pointwise" 1×1×1 convolutions of the UX block are **grouped** (``groups=C``: each channel expands
   to 4 private channels, no channel mixing), as in the original code; its docstring (copied from ConvNeXt)

@@ -1,6 +1,6 @@
 """V-Net of the LA semi-supervised literature (``yulequan/UA-MT: code/networks/vnet.py``, batch norm).
 
-The backbone of UA-MT, SASSNet, DTC, MC-Net, SS-Net and CAML (protocol.md §3): 16 base filters,
+The backbone of UA-MT, SASSNet, DTC, MC-Net, SS-Net and CAML (book: references page): 16 base filters,
 channels 16/32/64/128/256; encoder stages of 1, 2, 3, 3, 3 conv3³ + BN + ReLU layers; downsampling
 by a conv k2 s2 + BN + ReLU; decoder stages of 3, 3, 2, 1 layers with transposed-conv k2 s2 + BN + ReLU
 upsampling and **additive** skips; Dropout3d(0.5) on the bottleneck features and before the final 1³
