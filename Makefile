@@ -1,4 +1,4 @@
-# dkuxnet — two entry points: `make book` and `make test` (recipe: ../shared/docs/tooling.md §4).
+# dkuxnet — two entry points: `make book` and `make test` (the book's reproduce page).
 #
 #   make book        venv + install, vendor JS, execute notebooks/*.py with papermill into _build/stage,
 #                    build the Jupyter Book (-W -n: any warning fails), copy the HTML to _build/html
@@ -21,15 +21,17 @@ BIN     := $(VENV)/bin
 STAGE   := _build/stage
 VENDOR  := _build/vendor
 PROFILE ?= smoke
-# Wall-clock limit of one notebook run. papermill/nbclient can wait forever for a kernel message that
-# never comes (seen once here on 06_visualize's widget cell: kernel and client both idle); such a run is
-# killed and the notebook executed once more (a notebook that fails with an error is not retried).
+# Wall-clock limit of one notebook run, a safety net: papermill/nbclient can wait forever for a kernel
+# message that never comes. That hang came from ipywidgets Output + clear_output(wait=True) cells
+# (jupyter/nbclient#312, nteract/papermill#723), which the notebooks no longer use: their sliders and
+# dropdowns are plotly controls (tests/test_notebooks.py reruns them under a 120 s limit). A run that
+# still hangs is killed and the notebook executed once more (one that fails with an error is not retried).
 # The slowest smoke notebook (05_ablation) takes about 3 min on CI; 540 s stays below papermill's 600 s cell
 # timeout, so a hung cell is killed and retried rather than reported as a cell error.
 NB_TIMEOUT ?= 540
 NBS     := $(sort $(wildcard notebooks/*.py))
 
-# plotly 7's default under papermill is plotly_mimetype, which JB1 drops (tooling.md §5.4);
+# plotly 7's default under papermill is plotly_mimetype, which JB1 drops;
 # notebook_connected + plotly.min.js served from _static renders offline.
 export PLOTLY_RENDERER ?= notebook_connected
 export MPLBACKEND ?= Agg

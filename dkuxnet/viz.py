@@ -1,8 +1,10 @@
-"""Figures for the book: surfaces, slices, widgets and curves (plotly, matplotlib, ipywidgets).
+"""Figures for the book: surfaces, slices, slice and case browsers, curves (plotly, matplotlib).
 
-Every function takes plain arrays / paths and returns a figure or widget; nothing is shown here, so
-the caller (a notebook) decides where it goes. No renderer is chosen in this module: the book build
-selects plotly's renderer with the ``PLOTLY_RENDERER`` environment variable and Colab picks its own.
+Every function takes plain arrays / paths and returns a figure; nothing is shown here, so the caller
+(a notebook) decides where it goes. No renderer is chosen in this module: the book build selects
+plotly's renderer with the ``PLOTLY_RENDERER`` environment variable and Colab picks its own.
+The interactive figures (:func:`slice_browser`, :func:`case_picker_figure`) use plotly's own sliders
+and dropdowns over pre-computed traces, so they work in the static HTML book without a kernel.
 Arrays are volumes indexed ``(X, Y, Z)`` as in the LA h5 files; meshes are in voxel units times
 ``spacing``.
 """
@@ -10,13 +12,16 @@ Arrays are volumes indexed ``(X, Y, Z)`` as in the LA h5 files; meshes are in vo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 LOSS_KEYS = ("loss", "seg", "qd", "ds", "qdc", "segc", "ramp")
+AXIS_NAMES = ("x", "y", "z")
+# Categorical overlay of a slice: code = 1 * truth + 2 * prediction; 0 (neither) stays transparent.
+OVERLAY_COLOURS = {1: "rgba(50, 205, 50, 0.6)", 2: "rgba(220, 20, 60, 0.6)", 3: "rgba(255, 200, 0, 0.7)"}
 
 
 def _check_axis(axis: int) -> None:
@@ -177,28 +182,114 @@ def slice_figure(
     return fig if fig is not None else ax.figure
 
 
-def slice_widget(
-    image: np.ndarray, label: np.ndarray | None = None, pred: np.ndarray | None = None, axis: int = 2
+def overlay_codes(label: np.ndarray | None, pred: np.ndarray | None) -> tuple[np.ndarray, dict[int, str]]:
+    """Categorical map ``1 * label + 2 * pred`` (uint8) and the name of each code that can occur.
+
+    Code 0 (neither) is the background. With both masks the codes are 1 (truth only: missed),
+    2 (prediction only: leaked) and 3 (both); with one mask only its own code is named.
+
+    Raises:
+        ValueError: when neither mask is given or their shapes differ.
+    """
+    masks = [np.asarray(m, bool) for m in (label, pred) if m is not None]
+    if not masks:
+        raise ValueError("need a label or a prediction to overlay")
+    if len(masks) == 2 and masks[0].shape != masks[1].shape:
+        raise ValueError(f"label shape {masks[0].shape} differs from prediction shape {masks[1].shape}")
+    codes = np.zeros(masks[0].shape, np.uint8)
+    names: dict[int, str] = {}
+    if label is not None:
+        codes += np.asarray(label, bool).astype(np.uint8)
+        names[1] = "ground truth" if pred is None else "truth only (missed)"
+    if pred is not None:
+        codes += 2 * np.asarray(pred, bool).astype(np.uint8)
+        names[2] = "prediction" if label is None else "prediction only (leaked)"
+    if len(names) == 2:
+        names[3] = "truth and prediction"
+    return codes, names
+
+
+def _categorical_scale(colours: Mapping[int, str], n_codes: int) -> list[list[Any]]:
+    """Stepped colour scale for integer codes ``0 .. n_codes-1`` with ``zmin=-0.5, zmax=n_codes-0.5``."""
+    scale: list[list[Any]] = []
+    for code in range(n_codes):
+        colour = colours.get(code, "rgba(0, 0, 0, 0)")
+        scale += [[code / n_codes, colour], [(code + 1) / n_codes, colour]]
+    return scale
+
+
+def slice_browser(
+    image: np.ndarray, label: np.ndarray | None = None, pred: np.ndarray | None = None, axis: int = 2,
+    max_steps: int = 24, max_size: int = 128, title: str = "",
 ) -> Any:
-    """``IntSlider`` + ``Output`` browsing slices; the output at the start value is saved with the notebook."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from IPython.display import display
+    """Plotly figure with a slider over slices of ``image`` along ``axis``, label / prediction overlaid.
 
-    start = largest_slice(label, axis) if label is not None else image.shape[axis] // 2
-    slider = widgets.IntSlider(value=start, min=0, max=image.shape[axis] - 1, description="slice")
-    out = widgets.Output()
+    Every slice the slider reaches is pre-computed as two heatmaps (the image as uint8 grey levels and
+    the categorical :func:`overlay_codes` map, code 0 transparent) and the slider only toggles their
+    visibility, so it works in a static page. To keep the page light at most ``max_steps`` slices are
+    kept (every k-th one, always including the start slice: the label's largest, else the middle) and
+    each slice is subsampled by the smallest integer stride that brings both sides to ``max_size`` or
+    less. Axes are in voxel indices. The legend names the overlay's discrete colours.
 
-    def draw(change: Mapping[str, Any] | None = None) -> None:
-        with out:
-            out.clear_output(wait=True)
-            fig = slice_figure(image, label, pred, axis=axis, index=slider.value)
-            display(fig)
-            plt.close(fig)
+    Raises:
+        ValueError: for a non-3D image, masks of another shape, or ``max_steps`` / ``max_size`` < 1.
+    """
+    import plotly.graph_objects as go
 
-    slider.observe(draw, names="value")
-    draw()
-    return widgets.VBox([slider, out])
+    _check_axis(axis)
+    if image.ndim != 3:
+        raise ValueError(f"image must be 3D, got shape {image.shape}")
+    for name, mask in (("label", label), ("pred", pred)):
+        if mask is not None and mask.shape != image.shape:
+            raise ValueError(f"{name} shape {mask.shape} differs from image shape {image.shape}")
+    if max_steps < 1 or max_size < 1:
+        raise ValueError(f"max_steps and max_size must be >= 1, got {max_steps} and {max_size}")
+    n = image.shape[axis]
+    start = largest_slice(label, axis) if label is not None else n // 2
+    every = -(-n // max_steps)  # ceil
+    indices = np.arange(start % every, n, every)
+    plane_axes = [a for a in range(3) if a != axis]
+    stride = -(-max(image.shape[a] for a in plane_axes) // max_size)
+    window = tuple(slice(None) if a == axis else slice(None, None, stride) for a in range(3))
+    lo, hi = float(image.min()), float(image.max())
+    grey = np.round(255 * (image[window] - lo) / (hi - lo if hi > lo else 1.0)).astype(np.uint8)
+    codes, names = (None, {}) if label is None and pred is None else overlay_codes(label, pred)
+    xs, ys = (np.arange(0, image.shape[a], stride) for a in plane_axes)
+    traces: list[Any] = []
+    for index in indices:
+        shown = bool(index == start)
+        traces.append(go.Heatmap(
+            x=xs, y=ys, z=take_slice(grey, axis, int(index)).T, zmin=0, zmax=255, colorscale="Gray",
+            showscale=False, visible=shown, name=f"slice {index}",
+            hovertemplate=f"{AXIS_NAMES[plane_axes[0]]} %{{x}}, {AXIS_NAMES[plane_axes[1]]} %{{y}}<extra></extra>",
+        ))
+        if codes is not None:
+            traces.append(go.Heatmap(
+                x=xs, y=ys, z=take_slice(codes[window], axis, int(index)).T, zmin=-0.5, zmax=3.5,
+                colorscale=_categorical_scale(OVERLAY_COLOURS, 4), showscale=False, visible=shown,
+                hoverinfo="skip", name=f"overlay {index}",
+            ))
+    per_slice = len(traces) // len(indices)
+    legend = [go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True,
+                         marker={"symbol": "square", "size": 12, "color": OVERLAY_COLOURS[code]})
+              for code, name in names.items()]
+    steps = [
+        {"method": "restyle", "label": str(index),
+         "args": [{"visible": [i // per_slice == k for i in range(len(traces))] + [True] * len(legend)}]}
+        for k, index in enumerate(indices)
+    ]
+    fig = go.Figure(traces + legend)
+    fig.update_layout(
+        title=title or f"slices along {AXIS_NAMES[axis]}", height=560, margin={"l": 40, "r": 20, "t": 80, "b": 20},
+        sliders=[{"active": int(np.flatnonzero(indices == start)[0]), "steps": steps, "pad": {"t": 40},
+                  "currentvalue": {"prefix": f"{AXIS_NAMES[axis]} = "}}],
+        xaxis={"title": {"text": AXIS_NAMES[plane_axes[0]]}, "constrain": "domain", "showgrid": False},
+        yaxis={"title": {"text": AXIS_NAMES[plane_axes[1]]}, "scaleanchor": "x", "showgrid": False},
+        legend={"orientation": "h", "x": 0.0, "y": 1.02, "yanchor": "bottom", "itemclick": False,
+                "itemdoubleclick": False},
+        plot_bgcolor="white",
+    )
+    return fig
 
 
 def orthogonal_slices(image: np.ndarray, label: np.ndarray | None = None, pred: np.ndarray | None = None,
@@ -213,26 +304,43 @@ def orthogonal_slices(image: np.ndarray, label: np.ndarray | None = None, pred: 
     return fig
 
 
-def picker_widget(options: Sequence[str], render: Callable[[str], None], description: str = "case") -> Any:
-    """``Dropdown`` + ``Output``: ``render(option)`` is called inside the output on every change.
+def case_picker_figure(figures: Mapping[str, Any]) -> Any:
+    """One plotly figure with a dropdown over cases, built from one figure per case.
 
-    The output of the first option is drawn at once, so a saved notebook shows it statically.
+    All traces of all figures are copied into the result (so every case is pre-computed and the
+    dropdown needs no kernel); each dropdown button shows exactly its case's traces and that case's
+    figure title. The layout (scene, size, legend) is the first figure's; the first case is shown.
+    Keep the per-case figures small (e.g. a marching-cubes ``step`` of 2-3): all of them end up in
+    the page.
+
+    Raises:
+        ValueError: when ``figures`` is empty or a figure has no traces.
     """
-    import ipywidgets as widgets
+    import plotly.graph_objects as go
 
-    if not options:
-        raise ValueError("options must name at least one choice")
-    dropdown = widgets.Dropdown(options=list(options), value=options[0], description=description)
-    out = widgets.Output()
-
-    def draw(change: Mapping[str, Any] | None = None) -> None:
-        with out:
-            out.clear_output(wait=True)
-            render(dropdown.value)
-
-    dropdown.observe(draw, names="value")
-    draw()
-    return widgets.VBox([dropdown, out])
+    if not figures:
+        raise ValueError("figures must hold at least one case")
+    first = next(iter(figures))
+    owner: list[str] = []
+    traces: list[dict[str, Any]] = []
+    for case, figure in figures.items():
+        if not figure.data:
+            raise ValueError(f"the figure of case {case!r} has no traces")
+        owner += [case] * len(figure.data)
+        traces += [trace.to_plotly_json() | {"visible": case == first} for trace in figure.data]
+    buttons = [
+        {"label": case, "method": "update",
+         "args": [{"visible": [o == case for o in owner]}, {"title": {"text": figure.layout.title.text or case}}]}
+        for case, figure in figures.items()
+    ]
+    fig = go.Figure(traces, layout=figures[first].layout)
+    top = (fig.layout.margin.t or 40) + 40
+    fig.update_layout(
+        margin={"t": top},
+        updatemenus=[{"buttons": buttons, "active": 0, "direction": "down", "showactive": True,
+                      "x": 1.0, "xanchor": "right", "y": 1.0, "yanchor": "bottom", "pad": {"b": 4}}],
+    )
+    return fig
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -339,6 +447,8 @@ def assignment_figure(
 ) -> Any:
     """Matplotlib panels on one axial slice: image, argmax query id, and argmax query group.
 
+    Query ids and group ids are categories: each gets its own discrete colour, not a colour ramp.
+
     Args:
         query_probs: soft assignment S of one volume, N×X×Y×Z (softmax over N).
         group_sizes: queries per group, summing to N (groups are consecutive query ranges).
@@ -347,19 +457,25 @@ def assignment_figure(
         title: figure title.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.colors import BoundaryNorm, ListedColormap
 
     if sum(group_sizes) != query_probs.shape[0]:
         raise ValueError(f"group_sizes {tuple(group_sizes)} do not sum to N = {query_probs.shape[0]}")
     query = query_probs[..., index].argmax(axis=0)  # X×Y
     group_of_query = np.repeat(np.arange(len(group_sizes)), group_sizes)  # N
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    panels = ((image[..., index], "gray", "image"), (query, "tab20", "argmax query"),
-              (group_of_query[query], "viridis", "argmax query group"))
-    for ax, (data, cmap, name) in zip(axes, panels):
-        im = ax.imshow(data.T, cmap=cmap, origin="lower", interpolation="nearest")
+    axes[0].imshow(image[..., index].T, cmap="gray", origin="lower", interpolation="nearest")
+    axes[0].set_title("image")
+    panels = ((query, query_probs.shape[0], "argmax query"),
+              (group_of_query[query], len(group_sizes), "argmax query group"))
+    for ax, (data, n, name) in zip(axes[1:], panels):
+        # one discrete colour per id (tab20, cycled past 20 ids) and a stepped colour bar with integer ticks
+        cmap = ListedColormap([plt.get_cmap("tab20")(i % 20) for i in range(n)])
+        im = ax.imshow(data.T, cmap=cmap, norm=BoundaryNorm(np.arange(n + 1) - 0.5, n), origin="lower",
+                       interpolation="nearest")
         ax.set_title(name)
+        fig.colorbar(im, ax=ax, fraction=0.046, ticks=np.arange(0, n, max(1, n // 10)))
+    for ax in axes:
         ax.set_axis_off()
-        if name != "image":
-            fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title)
     return fig

@@ -141,11 +141,12 @@ pd.Series({"case": case_id, "shape": image.shape, "image dtype": image.dtype, "l
            "label values": np.unique(label).tolist(), "foreground voxels": int(label.sum())}).to_frame("value")
 
 # %% [markdown]
-# The slider browses axial slices (green: label contour). In the static book it shows the slice it
-# was saved at; in Jupyter, Binder or Colab moving it redraws the slice.
+# The slider browses axial slices (green: label), starting at the label's largest cross-section. All
+# its slices are stored in the figure (at most 24, evenly spaced), so it works in the static book as
+# well as in Jupyter, Binder or Colab.
 
 # %%
-viz.slice_widget(image, label)
+viz.slice_browser(image, label, title=f"{case_id}: axial slices").show()
 
 # %% [markdown]
 # The label's surface (marching cubes at level 0.5) with the axial slice through its largest

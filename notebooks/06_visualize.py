@@ -20,8 +20,8 @@
 # predictions case by case:
 #
 # 1. the ground-truth surface and the predicted surface, coloured by how far each point of the
-#    prediction lies from the truth,
-# 2. a case picker for the other test cases,
+#    prediction lies from the truth, with a dropdown over the test cases,
+# 2. the per-case metrics,
 # 3. slice overlays of truth and prediction.
 #
 # ## Prerequisites
@@ -48,7 +48,7 @@ max_iterations: int = 0  # 0 means the profile default
 seed: int = 1337  # training seed
 device: str = ""  # empty means cuda if available
 run_dir: str = ""  # empty means the profile default run folder
-step: int = 2  # marching-cubes step in voxels; 1 is finest and heaviest
+step: int = 2  # marching-cubes step in voxels; 1 is finest and heaviest (every case's surfaces go in the page)
 
 # %% [markdown]
 # ## Imports
@@ -57,6 +57,7 @@ step: int = 2  # marching-cubes step in voxels; 1 is finest and heaviest
 # %matplotlib inline
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 
 from dkuxnet import viz
 from dkuxnet.data import read_case
@@ -87,10 +88,10 @@ def title(case_id: str) -> str:
     return f"{case_id}: Dice {100 * row['dice']:.1f} %, 95HD {row['hd95']:.1f} vox"
 
 
-def show_3d(case_id: str) -> None:
+def surfaces(case_id: str) -> go.Figure:
     """Truth vs prediction surfaces of one case."""
     _, truth, predicted = load(case_id)
-    viz.comparison_figure(predicted, truth, spacing=SPACING_MM, step=step, title=title(case_id), unit="mm").show()
+    return viz.comparison_figure(predicted, truth, spacing=SPACING_MM, step=step, title=title(case_id), unit="mm")
 
 
 # %% [markdown]
@@ -99,18 +100,15 @@ def show_3d(case_id: str) -> None:
 # Grey, translucent: the ground-truth surface. Coloured: the predicted surface, each vertex coloured
 # by its distance (mm, 0.625 mm voxels) to the nearest point of the truth surface — yellow regions are
 # where the prediction leaks or misses. An empty prediction (a failed case) shows the truth alone.
+#
+# The dropdown (top right) switches between the test cases. Every case's surfaces are computed here
+# and stored in the figure, so the dropdown works in the static book as well as in a live notebook.
 
 # %%
-show_3d(cases[0])
+viz.case_picker_figure({case_id: surfaces(case_id) for case_id in cases}).show()
 
 # %% [markdown]
-# ## 2. Pick a case
-#
-# In Jupyter, Binder or Colab the dropdown redraws the figure for the chosen case. The static book
-# keeps the first case's figure only; the other cases' numbers are in the table below.
-
-# %%
-viz.picker_widget(cases, show_3d)
+# ## 2. The numbers per case
 
 # %%
 per_case.loc[cases, ["dice", "jaccard", "hd95", "asd", "failed"]].round(3)
@@ -125,10 +123,11 @@ image, gt, pred = load(cases[0])
 fig = viz.orthogonal_slices(image, gt, pred, title=title(cases[0]))
 
 # %% [markdown]
-# Browse the axial slices of the same case:
+# Browse the axial slices of the same case with the slider. Green: truth only (missed), red:
+# prediction only (leaked), yellow: both.
 
 # %%
-viz.slice_widget(image, gt, pred)
+viz.slice_browser(image, gt, pred, title=f"{title(cases[0])}, axial slices").show()
 
 # %% [markdown]
 # ## Summary

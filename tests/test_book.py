@@ -302,12 +302,13 @@ def test_plotly_figures_render_from_local_plotly(rel: str) -> None:
 
 
 @built
-def test_widget_state_is_embedded_with_local_manager() -> None:
-    html = _page(WIDGET_PAGE)
-    assert "application/vnd.jupyter.widget-state+json" in html, "no saved widget state"
-    assert "application/vnd.jupyter.widget-view+json" in html, "no widget view"
-    assert re.search(r'src="[./]*_static/widgets/embed-amd\.js', html), "widget manager not loaded from _static"
-    assert re.search(r'src="[./]*_static/require\.js', html), "require.js not loaded from _static"
+def test_interactive_figures_need_no_kernel() -> None:
+    """The slice browser and the case picker are plotly controls (slider, dropdown), not kernel widgets."""
+    for rel, control in ((WIDGET_PAGE, '"sliders"'), ("notebooks/06_visualize.html", '"updatemenus"')):
+        html = _page(rel)
+        assert control in html, f"{rel}: no plotly {control} control"
+        assert "application/vnd.jupyter.widget-view+json" not in html, f"{rel}: a kernel widget"
+    assert re.search(r'src="[./]*_static/require\.js', _page(WIDGET_PAGE)), "require.js not loaded from _static"
 
 
 @built

@@ -12,6 +12,11 @@ that ``make book`` has just produced (``.ci/run`` sets it to ``_build/stage``), 
 those executed copies instead of running everything a second time: each must exist, be newer than its
 source, hold the source's cells plus papermill's injected ``profile = "smoke"`` cell, and carry no
 papermill exception.
+
+The notebooks with interactive figures (:data:`RERUN_NOTEBOOKS`) once hung papermill for good (an
+ipywidgets ``Output`` redrawn with ``clear_output(wait=True)`` left kernel and client idle); their
+sliders and dropdowns are now plotly controls over pre-computed traces. A slow test runs each of them
+:data:`RERUNS` times and requires every run to finish within :data:`RERUN_LIMIT_S` seconds.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ REQUIRED = {
 }
 CELL_TIMEOUT_S = 600
 NOTEBOOK_TIMEOUT_S = 540  # wall-clock limit of one notebook run (Makefile NB_TIMEOUT); a hung run is retried once
+RERUN_NOTEBOOKS = ("01_data", "06_visualize")  # the notebooks with a slider or dropdown
+RERUN_PREREQUISITES = ("03_train", "04_evaluate")  # write the run folder that 06_visualize reads
+RERUNS = 3
+RERUN_LIMIT_S = 120
 
 
 def _cells(path: Path) -> list[tuple[str, str, list[str]]]:
@@ -107,15 +116,34 @@ def _check_executed(py: Path, nb_path: Path) -> tuple[bool, str, float]:
     return True, "", float(meta.get("duration") or 0.0)
 
 
-def _run_steps(steps: tuple[list[str], ...], env: dict[str, str]) -> tuple[bool, str]:
+def _run_steps(steps: tuple[list[str], ...], env: dict[str, str],
+               timeout_s: float = NOTEBOOK_TIMEOUT_S) -> tuple[bool, str]:
     for cmd in steps:
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=NOTEBOOK_TIMEOUT_S)
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return False, f"{cmd[2]} hung past {NOTEBOOK_TIMEOUT_S} s"
+            return False, f"{cmd[2]} hung past {timeout_s} s"
         if proc.returncode != 0:
             return False, (proc.stdout + proc.stderr)[-4000:]
     return True, ""
+
+
+def _env() -> dict[str, str]:
+    """The environment ``make book`` executes notebooks in."""
+    return {**os.environ, "PLOTLY_RENDERER": "notebook_connected", "MPLBACKEND": "Agg",
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+
+
+def _convert(py: Path, nb: Path) -> list[str]:
+    """Command writing the ``.ipynb`` that papermill executes from the jupytext source ``py``."""
+    return [sys.executable, "-m", "jupytext", "--quiet", "--to", "ipynb", "-o", str(nb), str(py)]
+
+
+def _papermill(nb_in: Path, nb_out: Path, cwd: Path, cell_timeout_s: int = CELL_TIMEOUT_S) -> list[str]:
+    """Command executing ``nb_in`` into ``nb_out`` with ``-p profile smoke``, as ``make book`` does."""
+    return [sys.executable, "-m", "papermill", "--no-progress-bar", "--log-level", "WARNING",
+            "--execution-timeout", str(cell_timeout_s), "--cwd", str(cwd),
+            "-k", "python3", str(nb_in), str(nb_out), "-p", "profile", "smoke"]
 
 
 @pytest.fixture(scope="session")
@@ -126,18 +154,12 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bool
         return {py.stem: _check_executed(py, ROOT / reuse / "notebooks" / f"{py.stem}.ipynb") for py in NOTEBOOKS}
     stage = tmp_path_factory.mktemp("stage")
     (stage / "notebooks").mkdir()
-    env = {**os.environ, "PLOTLY_RENDERER": "notebook_connected", "MPLBACKEND": "Agg",
-           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    env = _env()
     results: dict[str, tuple[bool, str, float]] = {}
     for py in NOTEBOOKS:
         nb = stage / "notebooks" / f"{py.stem}.ipynb"
         t0 = time.perf_counter()
-        steps = (
-            [sys.executable, "-m", "jupytext", "--quiet", "--to", "ipynb", "-o", str(nb), str(py)],
-            [sys.executable, "-m", "papermill", "--no-progress-bar", "--log-level", "WARNING",
-             "--execution-timeout", str(CELL_TIMEOUT_S), "--cwd", str(stage / "notebooks"),
-             "-k", "python3", str(nb), str(nb), "-p", "profile", "smoke"],
-        )
+        steps = (_convert(py, nb), _papermill(nb, nb, stage / "notebooks"))
         for _ in range(2):  # a run that hangs (see NB_TIMEOUT in the Makefile) is retried once
             ok, log = _run_steps(steps, env)
             if ok or "hung past" not in log:
@@ -151,3 +173,40 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bool
 def test_notebook_runs_in_smoke_profile(py: Path, smoke_runs: dict[str, tuple[bool, str, float]]) -> None:
     ok, log, seconds = smoke_runs[py.stem]
     assert ok, f"{py.name} did not run cleanly under papermill -p profile smoke ({seconds:.0f} s):\n{log}"
+
+
+@pytest.fixture(scope="module")
+def rerun_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage with the smoke run folder: ``DKUXNET_EXECUTED_STAGE``, else one that :data:`RERUN_PREREQUISITES` fill."""
+    reuse = os.environ.get("DKUXNET_EXECUTED_STAGE")
+    if reuse:
+        assert (ROOT / reuse / "notebooks").is_dir(), f"DKUXNET_EXECUTED_STAGE={reuse} has no notebooks/ folder"
+        return ROOT / reuse
+    stage = tmp_path_factory.mktemp("rerun_stage")
+    (stage / "notebooks").mkdir()
+    for name in RERUN_PREREQUISITES:
+        py = ROOT / "notebooks" / f"{name}.py"
+        nb = stage / "notebooks" / f"{name}.ipynb"
+        ok, log = _run_steps((_convert(py, nb), _papermill(nb, nb, stage / "notebooks")), _env())
+        assert ok, f"{name} (needed by the rerun test) failed under papermill -p profile smoke:\n{log}"
+    return stage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RERUN_NOTEBOOKS)
+def test_interactive_notebook_reruns_without_hang(name: str, rerun_stage: Path, tmp_path: Path) -> None:
+    """:data:`RERUNS` papermill runs in a row, each under :data:`RERUN_LIMIT_S` s, and no ipywidget in the output."""
+    nb = tmp_path / f"{name}.ipynb"
+    ok, log = _run_steps((_convert(ROOT / "notebooks" / f"{name}.py", nb),), _env())
+    assert ok, log
+    for run in range(1, RERUNS + 1):
+        out = tmp_path / f"{name}.run{run}.ipynb"
+        t0 = time.perf_counter()
+        ok, log = _run_steps((_papermill(nb, out, rerun_stage / "notebooks", RERUN_LIMIT_S),), _env(), RERUN_LIMIT_S)
+        seconds = time.perf_counter() - t0
+        assert ok, f"{name} run {run} failed or hung ({seconds:.0f} s):\n{log}"
+        assert seconds < RERUN_LIMIT_S, f"{name} run {run} took {seconds:.0f} s (limit {RERUN_LIMIT_S} s)"
+        executed = out.read_text(encoding="utf-8")
+        assert "application/vnd.jupyter.widget-view+json" not in executed, f"{name} still displays an ipywidget"
+        assert "Plotly.newPlot" in executed, f"{name} shows no plotly figure"
+        print(f"{name} run {run}: {seconds:.1f} s")

@@ -88,17 +88,111 @@ def test_take_slice_and_largest_slice():
         viz.take_slice(vol, axis=2, index=4)
 
 
-def test_slice_figure_and_widget():
+def test_slice_figure_draws_both_contours():
     gt = sphere()
     image = gt.astype(np.float32)
     fig = viz.slice_figure(image, gt, np.roll(gt, 2, axis=1))
     assert isinstance(fig, matplotlib.figure.Figure)
     assert len(fig.axes[0].collections) >= 2  # two contours
     plt.close(fig)
-    ipywidgets = pytest.importorskip("ipywidgets")
-    w = viz.slice_widget(image, gt)
-    slider = w.children[0]
-    assert isinstance(slider, ipywidgets.IntSlider) and slider.value == 10 and slider.max == 19
+
+
+def test_overlay_codes_are_categories_of_truth_and_prediction():
+    label = np.array([0, 1, 0, 1], bool).reshape(1, 1, 4)
+    pred = np.array([0, 0, 1, 1], bool).reshape(1, 1, 4)
+    codes, names = viz.overlay_codes(label, pred)
+    assert codes.dtype == np.uint8 and codes.ravel().tolist() == [0, 1, 2, 3]
+    assert names == {1: "truth only (missed)", 2: "prediction only (leaked)", 3: "truth and prediction"}
+    assert viz.overlay_codes(label, None)[1] == {1: "ground truth"}
+    assert viz.overlay_codes(None, pred)[1] == {2: "prediction"}
+    with pytest.raises(ValueError, match="label or a prediction"):
+        viz.overlay_codes(None, None)
+    with pytest.raises(ValueError, match="shape"):
+        viz.overlay_codes(label, pred[..., :2])
+
+
+def _visible(fig: go.Figure) -> list[bool]:
+    """Which traces a figure shows as it opens (plotly's default, None, means visible)."""
+    return [t.visible in (None, True) for t in fig.data]
+
+
+def test_slice_browser_steps_toggle_one_slice_each():
+    gt = sphere((24, 24, 60), (12, 12, 31), 6.0)  # largest axial slice: z = 31
+    image = np.random.default_rng(0).normal(size=gt.shape).astype(np.float32)
+    fig = viz.slice_browser(image, gt, np.roll(gt, 2, axis=0), max_steps=24)
+    slider = fig.layout.sliders[0]
+    labels = [int(step.label) for step in slider.steps]
+    assert len(labels) <= 24 and 31 in labels and np.all(np.diff(labels) == 3)  # every 3rd slice of 60
+    assert labels[slider.active] == 31
+    heatmaps = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    assert len(heatmaps) == 2 * len(labels)  # image + overlay per slice
+    legend = [t for t in fig.data if isinstance(t, go.Scatter)]
+    assert [t.name for t in legend] == ["truth only (missed)", "prediction only (leaked)", "truth and prediction"]
+    for k, step in enumerate(slider.steps):
+        mask = step.args[0]["visible"]
+        assert len(mask) == len(fig.data)
+        assert [i for i, v in enumerate(mask[: len(heatmaps)]) if v] == [2 * k, 2 * k + 1]
+        assert all(mask[len(heatmaps):])  # legend entries stay
+    assert _visible(fig) == list(slider.steps[slider.active].args[0]["visible"])
+    overlay = fig.data[2 * slider.active + 1]
+    assert np.array_equal(np.asarray(overlay.z), viz.overlay_codes(gt, np.roll(gt, 2, axis=0))[0][..., 31].T)
+    grey = np.asarray(fig.data[2 * slider.active].z)
+    assert grey.dtype == np.uint8 and grey.shape == (24, 24)
+
+
+def test_slice_browser_overlay_colours_are_discrete():
+    gt = sphere()
+    fig = viz.slice_browser(gt.astype(np.float32), gt, gt)
+    overlay = fig.data[1]
+    assert overlay.showscale is False and (overlay.zmin, overlay.zmax) == (-0.5, 3.5)
+    scale = [(float(pos), colour) for pos, colour in overlay.colorscale]
+    assert len(scale) == 8  # two stops per code: flat bands, no gradient
+    for code in range(4):
+        (lo, c0), (hi, c1) = scale[2 * code], scale[2 * code + 1]
+        assert (lo, hi) == (code / 4, (code + 1) / 4) and c0 == c1
+    assert scale[0][1] == "rgba(0, 0, 0, 0)"  # background transparent
+    assert len({c for _, c in scale}) == 4
+    legend_colours = [t.marker.color for t in fig.data if isinstance(t, go.Scatter)]
+    assert legend_colours == [scale[2 * code][1] for code in (1, 2, 3)]
+
+
+def test_slice_browser_downsamples_and_checks_inputs():
+    image = np.zeros((300, 90, 10), np.float32)
+    fig = viz.slice_browser(image, axis=2, max_size=128)
+    assert len(fig.data) == 10 and not any(isinstance(t, go.Scatter) for t in fig.data)  # image only
+    assert np.asarray(fig.data[0].z).shape == (30, 100)  # stride 3: Y×X after transposing
+    assert list(fig.data[0].x[:2]) == [0, 3]
+    assert fig.layout.sliders[0].steps[fig.layout.sliders[0].active].label == "5"  # middle without a label
+    with pytest.raises(ValueError, match="label shape"):
+        viz.slice_browser(image, np.zeros((2, 2, 2), bool))
+    with pytest.raises(ValueError, match="max_steps"):
+        viz.slice_browser(image, max_steps=0)
+    with pytest.raises(ValueError, match="3D"):
+        viz.slice_browser(image[0])
+
+
+def test_case_picker_buttons_select_exactly_their_case():
+    gt = sphere()
+    figures = {"a": viz.comparison_figure(gt, gt, title="case a"),
+               "b": viz.comparison_figure(np.zeros_like(gt), gt, title="case b"),  # truth only: 1 trace
+               "c": viz.comparison_figure(np.roll(gt, 2, axis=0), gt, title="case c")}
+    fig = viz.case_picker_figure(figures)
+    assert len(fig.data) == 5
+    menu = fig.layout.updatemenus[0]
+    assert [b.label for b in menu.buttons] == ["a", "b", "c"] and menu.active == 0
+    owners = ["a", "a", "b", "c", "c"]
+    for button in menu.buttons:
+        visible, layout = button.args
+        assert visible["visible"] == [o == button.label for o in owners]
+        assert layout["title"]["text"] == f"case {button.label}"
+    assert _visible(fig) == [True, True, False, False, False]
+    assert fig.layout.scene.aspectmode == "data"  # the first figure's layout
+    assert np.array_equal(np.asarray(fig.data[3].x), np.asarray(figures["c"].data[0].x))
+    assert figures["b"].data[0].visible is None  # the inputs are not modified
+    with pytest.raises(ValueError, match="at least one"):
+        viz.case_picker_figure({})
+    with pytest.raises(ValueError, match="'x'"):
+        viz.case_picker_figure({"x": go.Figure()})
 
 
 def test_loss_curves_reads_jsonl(tmp_path):
@@ -152,8 +246,10 @@ def test_assignment_figure_groups():
     probs[4, :2] = 1.0
     probs[0, 2:] = 1.0
     fig = viz.assignment_figure(probs, (1, 1, 3), np.zeros((4, 4, 2)), index=0)
-    group_panel = fig.axes[2].images[0].get_array()
-    assert group_panel[0, 0] == 2 and group_panel[0, 3] == 0  # transposed: [y, x]
+    group_panel = fig.axes[2].images[0]
+    assert group_panel.get_array()[0, 0] == 2 and group_panel.get_array()[0, 3] == 0  # transposed: [y, x]
+    assert group_panel.cmap.N == 3 and group_panel.norm(np.arange(3)).tolist() == [0, 1, 2]  # one colour per group
+    assert fig.axes[1].images[0].cmap.N == 5
     plt.close(fig)
     with pytest.raises(ValueError, match="group_sizes"):
         viz.assignment_figure(probs, (1, 1), np.zeros((4, 4, 2)), index=0)
@@ -175,14 +271,3 @@ def test_orthogonal_slices_has_three_panels():
     fig = viz.orthogonal_slices(gt.astype(np.float32), gt, gt)
     assert len(fig.axes) == 3
     plt.close(fig)
-
-
-def test_picker_widget_renders_first_option_then_each_change():
-    pytest.importorskip("ipywidgets")
-    seen = []
-    w = viz.picker_widget(["a", "b"], seen.append)
-    assert seen == ["a"]
-    w.children[0].value = "b"
-    assert seen == ["a", "b"]
-    with pytest.raises(ValueError, match="options"):
-        viz.picker_widget([], seen.append)
