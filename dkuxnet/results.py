@@ -10,7 +10,8 @@ Two kinds of records never mix:
   schedule was shortened, device, torch version, wall time, date, evaluation mode.
 
 Dice / Jaccard are fractions in our files (as medpy returns them) and percent in the paper's;
-:func:`comparison_table` shows both in percent. Distances are in voxels in both.
+:func:`paper_table` and :func:`ours_table` show both in percent, never in one table. Distances are in voxels
+in both.
 """
 
 from __future__ import annotations
@@ -242,50 +243,23 @@ def load_results(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def comparison_table(ours: list[dict[str, Any]], table: str = "main") -> pd.DataFrame:
-    """Our results beside the paper's (Dice / Jaccard in %, distances in voxels).
+def paper_table(table: str = "main") -> pd.DataFrame:
+    """One of the paper's tables, its numbers only (Dice / Jaccard in %, distances in voxels).
 
-    Every row says its ``source``; our rows have a ``run`` label with preset, seed, iterations
-    (shortened schedules say so), device and evaluation mode. The ablation table shows only DKUXNet
-    runs, labelled by their loss ablation.
+    Columns ``method, labeled, label_ratio, dice, jaccard, hd95, asd, note``, sorted by labeled count.
+    Our numbers never join it: they go in :func:`ours_table`, one table per kind of run.
 
     Args:
-        ours: validated run results (e.g. from :func:`load_results`).
         table: ``"main"`` (paper Table 2) or ``"ablation"`` (paper Table 1).
-
-    Returns:
-        DataFrame with columns ``source, method, labeled, label_ratio, dice, jaccard, hd95, asd,
-        dice_std, n_failed, run, note``, sorted by labeled count, paper rows first.
     """
     import pandas as pd
 
     if table not in ("main", "ablation"):
         raise ValueError(f"table must be 'main' or 'ablation', got {table!r}")
-    rows = [
-        {"source": r["source"], "method": r["method"], "labeled": r["labeled"], "label_ratio": r["label_ratio"],
-         **{m: r[m] for m in TABLE_METRICS}, "dice_std": math.nan, "n_failed": None, "run": "",
-         "note": r.get("note", "")}
-        for r in paper_results(table)
-    ]
-    for r in ours:
-        validate_result(r)
-        arch = r["config"]["model"]["arch"]
-        if table == "ablation" and arch != "dkuxnet":
-            continue
-        scale = {"dice": 100.0, "jaccard": 100.0, "hd95": 1.0, "asd": 1.0}
-        rows.append({
-            "source": OUR_SOURCE,
-            "method": ABLATION_ROWS[r["config"]["loss"]["ablation"]] if table == "ablation"
-            else ("DKUXNet" if arch == "dkuxnet" else "V-Net"),
-            "labeled": r["labeled_num"], "label_ratio": r["label_ratio"],
-            **{m: _num(r["metrics"][m]["mean"]) * scale[m] for m in TABLE_METRICS},
-            "dice_std": _num(r["metrics"]["dice"]["std"]) * 100.0,
-            "n_failed": r["n_failed"], "run": run_label(r), "note": r.get("notes") or "",
-        })
-    df = pd.DataFrame(rows)
-    df["_paper_first"] = (df["source"] != PAPER_SOURCE).astype(int)
-    df = df.sort_values(["labeled", "_paper_first"], kind="stable").drop(columns="_paper_first")
-    return df.reset_index(drop=True)
+    rows = [{"method": r["method"] if table == "main" else ABLATION_ROWS[r["ablation"]], "labeled": r["labeled"],
+             "label_ratio": r["label_ratio"], **{m: r[m] for m in TABLE_METRICS}, "note": r.get("note", "")}
+            for r in paper_results(table)]
+    return pd.DataFrame(rows).sort_values("labeled", kind="stable").reset_index(drop=True)
 
 
 def run_kind(r: dict[str, Any]) -> str:
@@ -296,20 +270,21 @@ def run_kind(r: dict[str, Any]) -> str:
     return f"{r['preset']} preset on {r['device']}"
 
 
-def ours_table(results: list[dict[str, Any]], kind: str) -> pd.DataFrame:
-    """Our runs of one :func:`run_kind`, one row each, never beside the paper's numbers.
+def ours_table(results: list[dict[str, Any]], kind: str | None = None) -> pd.DataFrame:
+    """Our runs of one :func:`run_kind` (``None``: all given), one row each, never beside the paper's numbers.
 
     Columns: ``method`` (DKUXNet / V-Net), ``losses`` (the loss ablation row), ``labeled`` scans,
     ``iterations``, ``schedule``, ``wall min`` (training), ``Dice %``, ``Jaccard %``, ``95HD`` and ``ASD``
     (voxels of 0.625 mm), ``failed`` cases, ``BN stats`` used, and ``Dice % (other BN stats)`` when the
-    result carries the evaluation with the other statistics (``bn_stats_other``).
+    result carries the evaluation with the other statistics (``bn_stats_other``; the column is left out when
+    no run has it), and ``run``, the provenance label of :func:`run_label`.
     """
     import pandas as pd
 
     rows = []
     for r in results:
         validate_result(r)
-        if run_kind(r) != kind:
+        if kind is not None and run_kind(r) != kind:
             continue
         other = r.get("bn_stats_other")
         rows.append({
@@ -318,11 +293,13 @@ def ours_table(results: list[dict[str, Any]], kind: str) -> pd.DataFrame:
             "iterations": r["iterations"], "schedule": r["schedule"], "wall min": r["wall_time_s"] / 60,
             "Dice %": 100 * _num(r["metrics"]["dice"]["mean"]), "Jaccard %": 100 * _num(r["metrics"]["jaccard"]["mean"]),
             "95HD": _num(r["metrics"]["hd95"]["mean"]), "ASD": _num(r["metrics"]["asd"]["mean"]),
-            "failed": r["n_failed"], "BN stats": r.get("bn_stats", "ema"),
+            "failed": r["n_failed"], "BN stats": r.get("bn_stats", "ema"), "run": run_label(r),
             "Dice % (other BN stats)": 100 * _num(other["metrics"]["dice"]["mean"]) if other else math.nan,
         })
-    return pd.DataFrame(rows).sort_values(["labeled", "method", "losses"], kind="stable").reset_index(drop=True) \
-        if rows else pd.DataFrame(rows)
+    if not rows:
+        return pd.DataFrame(rows)
+    df = pd.DataFrame(rows).sort_values(["labeled", "method", "losses"], kind="stable").reset_index(drop=True)
+    return df.drop(columns=["Dice % (other BN stats)"]) if df["Dice % (other BN stats)"].isna().all() else df
 
 
 def run_label(r: dict[str, Any]) -> str:

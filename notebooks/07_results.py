@@ -63,7 +63,7 @@ import dkuxnet
 from dkuxnet import viz
 from dkuxnet.reproduce import resolve_profile
 from dkuxnet.results import (
-    CPU_KIND, build_result, comparison_table, load_results, ours_table, paper_results, run_kind, run_label,
+    CPU_KIND, build_result, load_results, ours_table, paper_results, run_kind, run_label,
 )
 
 # %%
@@ -117,18 +117,17 @@ else:
     print("No committed runs of this kind.")
 
 # %% [markdown]
-# ### Paper-profile runs
+# ### Other kinds of run
 #
-# Runs of the `paper` profile (full resolution, GPU), beside the paper's rows; each row says where it
-# comes from (`source`) and how it was run (`run`: preset, seed, iterations — shortened schedules say
-# so —, device, evaluation mode).
+# Runs of the other profiles (the `paper` profile: full resolution, GPU), one table per kind, each row
+# with how it was run (`run`: preset, seed, iterations — shortened schedules say so —, device,
+# evaluation mode). Compare them with the paper's tables in section 1, never inside them.
 
 # %%
-paper_profile = [r for r in ours if run_kind(r) != CPU_KIND]
-if paper_profile:
-    display(comparison_table(paper_profile, table="main").round(2))
-    display(comparison_table(paper_profile, table="ablation").round(2))
-else:
+kinds = sorted({run_kind(r) for r in ours} - {CPU_KIND})
+for kind in kinds:
+    display(ours_table(ours, kind).round(2).style.format(precision=2).set_caption(kind).hide(axis="index"))
+if not kinds:
     print("No committed paper-profile runs yet: they need a GPU (the Reproduce chapter).")
 
 # %% [markdown]

@@ -23,7 +23,6 @@ from dkuxnet.models import create_model
 from dkuxnet.results import (
     PAPER_SOURCE,
     build_result,
-    comparison_table,
     load_results,
     paper_results,
     save_result,
@@ -214,28 +213,25 @@ def test_paper_records_are_labelled_and_match_method_targets():
         assert r["jaccard"] / 100 >= d / (2 - d) - 1e-3
 
 
-def test_comparison_tables(evaluated):
+def test_paper_and_our_tables_never_mix(evaluated):
+    from dkuxnet.results import ours_table, paper_table
+
+    main = paper_table("main")
+    assert list(main.columns) == ["method", "labeled", "label_ratio", "dice", "jaccard", "hd95", "asd", "note"]
+    assert len(main) == len(paper_results("main")) and main["labeled"].is_monotonic_increasing
+    assert list(paper_table("ablation")["method"]) == ["L_seg", "L_seg + L_qdc", "L_seg + L_segc", "L_seg + L_qdc + L_segc"]
+    with pytest.raises(ValueError, match="table"):
+        paper_table("other")
     ours = _result(evaluated)
     full = {**copy.deepcopy(ours), "iterations": 40, "schedule": schedule_label(40, "tiny"), "notes": "longer"}
-    main = comparison_table([ours, full], "main")
-    assert list(main.columns) == ["source", "method", "labeled", "label_ratio", "dice", "jaccard", "hd95", "asd",
-                                  "dice_std", "n_failed", "run", "note"]  # the documented columns, no others
-    mine = main[main["source"] == "this repository"]
-    assert list(mine["method"]) == ["DKUXNet"] * 2 and list(mine["note"]) == ["", "longer"]
-    assert len(mine) == 2 and set(main["source"]) == {PAPER_SOURCE, "this repository"}
-    assert mine["dice"].iloc[0] == pytest.approx(100 * ours["metrics"]["dice"]["mean"])
-    assert "preset=tiny" in mine["run"].iloc[0] and "test-cpu" in mine["run"].iloc[0]
-    assert "shortened: 10 of 40 iterations" in mine["run"].iloc[0] and "40 it (full)" in mine["run"].iloc[1]
-    assert len(main) == len(paper_results("main")) + 2 and main["labeled"].is_monotonic_increasing
-    ablation = comparison_table([ours], "ablation")
-    assert list(ablation.loc[ablation["source"] == "this repository", "method"]) == ["L_seg + L_qdc + L_segc"]
-    assert list(ablation.columns) == list(main.columns)
-    assert len(comparison_table([], "ablation")) == 4
-    with pytest.raises(ValueError, match="table"):
-        comparison_table([], "other")
-    assert main.loc[main["source"] == PAPER_SOURCE, "dice_std"].isna().all()
-    assert not math.isnan(mine["dice_std"].iloc[0])
-
+    table = ours_table([ours, full])
+    assert len(table) == 2 and list(table["iterations"]) == [10, 40]
+    assert table["Dice %"].iloc[0] == pytest.approx(100 * ours["metrics"]["dice"]["mean"])
+    assert "shortened: 10 of 40 iterations" in table["run"].iloc[0] and "40 it (full)" in table["run"].iloc[1]
+    assert "Dice % (other BN stats)" not in table.columns  # no run has the other evaluation
+    paper_dice = {float(d) for d in main["dice"]}
+    assert not paper_dice & {float(d) for d in table["Dice %"]}  # none of the paper's numbers in our table
+    assert not math.isnan(table["Dice %"].iloc[0])
 
 
 def test_load_results_skips_the_runs_folder(tmp_path):
