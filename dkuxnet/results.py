@@ -65,6 +65,16 @@ OPTIONAL_PROVENANCE = ("bn_stats", "data_sha256")  # copied from the evaluation 
 CPU_KIND = "real LA, ½ resolution, CPU"  # run_kind of the cpu profile's runs
 
 
+def default_results_dir() -> Path:
+    """Where results live: the checkout's ``results/`` when this package runs from a source checkout of the
+    repository (how the book build finds the committed results), else ``./results`` in the working directory
+    (after ``pip install``, never inside site-packages)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "results").is_dir():
+        return root / "results"
+    return Path.cwd() / "results"
+
+
 def paper_results(table: str | None = None) -> list[dict[str, Any]]:
     """Records of the paper's tables (``table`` = ``"main"``, ``"ablation"`` or ``None`` for both)."""
     if table not in (None, "main", "ablation"):

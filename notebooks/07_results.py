@@ -47,7 +47,7 @@ max_iterations: int = 0  # 0 means the profile default
 seed: int = 1337  # training seed
 device: str = ""  # empty means cuda if available
 run_dir: str = ""  # empty means the profile default run folder
-results_dir: str = ""  # empty means the results folder of the dkuxnet checkout
+results_dir: str = ""  # empty: the checkout's results/ (the book build), else ./results (after pip install)
 
 # %% [markdown]
 # ## Imports
@@ -59,16 +59,15 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import display
 
-import dkuxnet
 from dkuxnet import viz
 from dkuxnet.reproduce import resolve_profile
 from dkuxnet.results import (
-    CPU_KIND, build_result, load_results, ours_table, paper_results, run_kind, run_label,
+    CPU_KIND, build_result, default_results_dir, load_results, ours_table, paper_results, run_kind, run_label,
 )
 
 # %%
 settings = resolve_profile(profile, data_dir, preset, label_ratio, max_iterations, seed, device, run_dir)
-results = Path(results_dir or Path(dkuxnet.__file__).resolve().parents[1] / "results")
+results = Path(results_dir) if results_dir else default_results_dir()
 
 
 # %%

@@ -59,3 +59,15 @@ def test_this_checkout(no_env):
         assert git_commit().split("+")[0] == git("rev-parse", "HEAD")
     else:  # e.g. the copy of the tree that mutation testing runs in
         assert git_commit() == "unknown"
+
+
+def test_default_results_dir_is_the_checkouts_or_the_working_directorys(tmp_path, monkeypatch):
+    import dkuxnet.results as results
+
+    repo = Path(results.__file__).resolve().parents[1]
+    assert results.default_results_dir() == repo / "results"  # a source checkout: the committed results
+    installed = tmp_path / "site-packages" / "dkuxnet"  # an installed copy: no pyproject.toml beside it
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(results, "__file__", str(installed / "results.py"))
+    monkeypatch.chdir(tmp_path)
+    assert results.default_results_dir() == tmp_path / "results"
