@@ -40,13 +40,13 @@
 # folders and lists, blob-shaped "atria" in noise. It shows the code working, not the real anatomy;
 # run with `-p profile paper` (or set `data_dir`) to see the real scans.
 
-# %%
+# %% tags=["remove-input"]
 import sys
 
 if "google.colab" in sys.modules:
     # %pip install -q "dkuxnet @ git+https://github.com/dkuxnet/dkuxnet" monai==1.6.1 medpy==0.5.2
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile: str = "smoke"  # smoke (CPU, phantom, tiny preset) or paper (GPU, real LA)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
@@ -92,8 +92,11 @@ print(settings.note)
 # ```
 #
 # The smoke profile instead writes a deterministic phantom with the same layout, from the generator
-# behind `python -m dkuxnet data phantom` (seed 0, 20 cases: 16 train, 4 test), at 64 × 64 × 48
-# voxels per case so that a CPU handles it in seconds.
+# behind `python -m dkuxnet data phantom` (seed 0, 20 cases: 16 train, 4 test), smaller than that
+# command's default so that a CPU handles it in seconds: nominal 64 × 64 × 48 voxels
+# (`dkuxnet.reproduce.SMOKE_PHANTOM_SHAPE`), i.e. 48 slices per case and an X and Y that vary per case
+# between 59 and 69, as the real crops vary. (`python -m dkuxnet data phantom` itself writes nominal
+# 96 × 96 × 64: 64 slices, X and Y between 88 and 104.)
 # `check_dataset` reads every case and both lists and collects every problem it finds:
 
 # %%

@@ -35,13 +35,13 @@
 #
 # - **Time to learn**: 20 minutes
 
-# %%
+# %% tags=["remove-input"]
 import sys
 
 if "google.colab" in sys.modules:
     # %pip install -q "dkuxnet @ git+https://github.com/dkuxnet/dkuxnet" monai==1.6.1 medpy==0.5.2
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile: str = "smoke"  # smoke (CPU, phantom, tiny preset) or paper (GPU, real LA)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
@@ -151,8 +151,8 @@ pd.Series({f.name: shape(getattr(out, f.name)) for f in fields(out)}, name="shap
 #
 # where $\Phi \in \mathbb{R}^{N\times K}$ comes from an MLP over all centres, $Y$ are the
 # segmentation logits and $O$ the probabilities of the query groups ("background", "organ",
-# "tumor" = 16 / 4 / 108 of the paper's 128 queries; LA has no tumour, so the third group must learn
-# to stay empty). The two pure functions behind $A$ and $R$:
+# "tumor" = 16 / 4 / 108 of the 128 queries of the authors' code; LA has no tumour, so the third group
+# must learn to stay empty). The two pure functions behind $A$ and $R$:
 
 # %%
 Code(inspect.getsource(kmax.hard_assignment) + "\n\n" + inspect.getsource(kmax.kmeans_update), language="python")

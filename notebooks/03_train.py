@@ -42,20 +42,20 @@
 # and set `profile = "colab"` and `data_dir = "data/LA"` in the parameters cell. The `colab` profile is
 # the `paper` profile with one labeled + one unlabeled volume per view instead of two + two, activation
 # checkpointing (the default) and $\mathcal{L}_{qdc}$ on sampled voxels instead of whole volumes, so that
-# a training step fits a 16 GB card (estimated peak about 12.6 GiB; the book's Performance page). It is a
+# a training step fits a 16 GB card (estimated peak about 12.6 GiB; the book's Performance appendix). It is a
 # different experiment from the paper's: fewer volumes per step, a single negative volume per anchor in
 # $\mathcal{L}_{segc}$ and a voxel-level $\mathcal{L}_{qdc}$ may cost Dice. We have not measured how much;
 # the run's label says `colab profile`. Prefer an L4 or A100 runtime: the T4 has no native bf16.
 # The full schedule takes many hours on such a card: training resumes from `last.pt` after a
 # disconnection (`resume = True`).
 
-# %%
+# %% tags=["remove-input"]
 import sys
 
 if "google.colab" in sys.modules:
     # %pip install -q "dkuxnet @ git+https://github.com/dkuxnet/dkuxnet" monai==1.6.1 medpy==0.5.2
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile: str = "smoke"  # smoke (CPU, phantom, tiny preset), paper (80 GB GPU, real LA) or colab (16 GB GPU)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
@@ -123,8 +123,9 @@ pd.Series({
 # group; $\mathcal{L}_{ds}$ does the same for each kMaX layer's hard-assignment affinity;
 # $\mathcal{L}_{qdc}$ and $\mathcal{L}_{segc}$ are NT-Xent losses that pull the two views of a volume
 # together (query distributions and segmentation probabilities) and push other volumes apart, on
-# labeled and unlabeled volumes alike. The ramp $r$ reaches full weight at iteration 6,000, so a
-# shortened smoke run barely switches the consistency terms on.
+# labeled and unlabeled volumes alike. With the `paper` and `tiny` presets' ramp (our choice, the book's
+# decisions page) $r$ reaches full weight at iteration 6,000, so a shortened smoke run barely switches the
+# consistency terms on; the `cpu` preset ramps within its 900 iterations.
 
 # %% [markdown]
 # ## 3. Train
@@ -164,4 +165,5 @@ pd.Series({
 #
 # ## What's next
 #
-# [Evaluation](04_evaluate) scores `last.pt` on the 20 test cases with the LA protocol.
+# [Evaluation](04_evaluate) scores `last.pt`, the checkpoint of the final iteration, on the test cases
+# with the LA protocol (the 20 scans of LA's `test.list`; 4 phantom cases in the smoke profile).

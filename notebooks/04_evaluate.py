@@ -16,13 +16,15 @@
 #
 # ## Overview
 #
-# Every LA paper scores the **final** network on the 20 cases of `test.list` with the same sliding
-# window and the same four metrics. This notebook
+# The LA protocol scores a network on the cases of `test.list` (20 scans of LA; the smoke profile's
+# phantom has 4) with the same sliding window and the same four metrics. The paper reports the network
+# of the **final** iteration, and so does this companion: `last.pt`, never a checkpoint chosen on the test
+# cases. This notebook
 #
 # 1. evaluates the training notebook's `last.pt` with that protocol,
 # 2. lists the per-case metrics,
 # 3. summarises them (with and without largest-connected-component post-processing),
-# 4. puts the result beside the paper's Table 2 — labelled, never merged.
+# 4. shows the result and the paper's Table 2 apart — each labelled, never merged.
 #
 # ## Prerequisites
 #
@@ -34,13 +36,13 @@
 #
 # - **Time to learn**: 10 minutes
 
-# %%
+# %% tags=["remove-input"]
 import sys
 
 if "google.colab" in sys.modules:
     # %pip install -q "dkuxnet @ git+https://github.com/dkuxnet/dkuxnet" monai==1.6.1 medpy==0.5.2
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile: str = "smoke"  # smoke (CPU, phantom, tiny preset), paper (80 GB GPU, real LA) or colab (16 GB GPU)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
@@ -99,8 +101,8 @@ per_case[["case", "dice", "jaccard", "hd95", "asd", "failed", "dice_lcc", "hd95_
 # ## 3. Summary
 #
 # Mean ± standard deviation over the test cases; Dice and Jaccard in %, distances in voxels
-# (× 0.625 for mm). `LCC` keeps the largest connected component, as DTC and SS-Net do and the paper
-# (final iteration, CAML's protocol) does not.
+# (× 0.625 for mm). `LCC` keeps the largest connected component, as DTC and SS-Net do; UA-MT, MC-Net+
+# and CAML do not, and neither does our headline number (the book's data page, protocol caveats).
 
 # %%
 def metric_row(s: dict, scale: dict) -> dict:
@@ -137,10 +139,9 @@ paper.round(2).style.format(precision=2).set_caption(
 #
 # - `eval/per_case.csv` and `eval/summary.json` in the run folder hold every number above, with the
 #   checkpoint, config and software versions that produced them.
-# - The headline metric is the raw (no LCC) final-iteration result; failed cases are counted, not
-#   scored as distance 0.
+# - The headline metric is the raw (no LCC) result of the final iteration's checkpoint; failed cases are
+#   counted, not scored as distance 0.
 #
 # ## What's next
 #
-# [The ablation](05_ablation) trains the four loss variants of the paper's Table 1;
-# [visualisation](06_visualize) shows the predictions in 3D.
+# [The ablation](05_ablation) trains and evaluates the four loss variants of the paper's Table 1.

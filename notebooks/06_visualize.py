@@ -33,13 +33,13 @@
 #
 # - **Time to learn**: 10 minutes
 
-# %%
+# %% tags=["remove-input"]
 import sys
 
 if "google.colab" in sys.modules:
     # %pip install -q "dkuxnet @ git+https://github.com/dkuxnet/dkuxnet" monai==1.6.1 medpy==0.5.2
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile: str = "smoke"  # smoke (CPU, phantom, tiny preset) or paper (GPU, real LA)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
@@ -139,4 +139,5 @@ viz.slice_browser(image, gt, pred, title=f"{title(cases[0])}, axial slices").sho
 #
 # ## What's next
 #
-# [Results](07_results) collects the committed paper-profile runs and compares them with the paper.
+# [Results](07_results) collects the committed runs (so far the CPU track on real LA data) and this
+# build's runs, each in a table of its own, apart from the paper's numbers.

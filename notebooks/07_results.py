@@ -32,13 +32,13 @@
 #
 # - **Time to learn**: 15 minutes
 
-# %%
+# %% tags=["remove-input"]
 import sys
 
 if "google.colab" in sys.modules:
     # %pip install -q "dkuxnet @ git+https://github.com/dkuxnet/dkuxnet" monai==1.6.1 medpy==0.5.2
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile: str = "smoke"  # smoke (CPU, phantom, tiny preset) or paper (GPU, real LA)
 data_dir: str = ""  # empty means the profile default
 preset: str = ""  # empty means tiny for smoke and paper for paper
@@ -176,9 +176,9 @@ if curve.is_file():
 #   paper except CAML's, which match CAML exactly; the block looks transcribed from CAML's Table 1
 #   (CAML's own final-iteration re-runs), and the 5 % block may have a dropped or swapped row label.
 #   We quote them as the paper prints them and do not re-run them here.
-# - **Checkpoint selection.** The paper reports the final iteration; several LA repositories
-#   report the best test Dice seen during training, which CAML's logs put at up to +0.36 Dice. We
-#   evaluate the final checkpoint only.
+# - **Checkpoint selection.** The paper reports the network of the final iteration; several LA
+#   repositories report the checkpoint with the best Dice on the 20 test scans, which CAML's logs put at
+#   up to +0.36 Dice. We evaluate the final iteration's checkpoint (`last.pt`) only.
 # - **Post-processing.** Keeping the largest connected component (DTC, SS-Net) mainly lowers 95HD
 #   and ASD. Our headline numbers are without it; the evaluation notebook shows both.
 # - **Failed cases.** The LA repositories score an empty prediction with distances 0 (the best
@@ -188,7 +188,7 @@ if curve.is_file():
 #   temperature and the exact consistency losses open; the book's decisions page records each choice we made
 #   (15,000 iterations, $\lambda_{qdc} = \lambda_{segc} = 0.1$, $\tau = 0.3$, volume-level NT-Xent,
 #   deep supervision of the assignment heads). A different reading can move the result.
-# - **Noise.** With 20 test cases and a per-case Dice spread of 3–10 points, the standard error of
+# - **Noise.** With LA's 20 test scans and a per-case Dice spread of 3–10 points, the standard error of
 #   a mean Dice is about 0.7–2.2 points, and seeds and GPUs move results by about 0.8 Dice: one run
 #   per setting cannot resolve sub-point differences.
 #
@@ -200,5 +200,5 @@ if curve.is_file():
 #
 # ## What's next
 #
-# The "Reproduce" chapter explains how to produce paper-profile runs
-# (`python -m dkuxnet reproduce --profile paper`) and commit their results.
+# The book's Reproduce page explains how to produce runs of every profile (for example
+# `python -m dkuxnet reproduce --profile paper` on a GPU) and commit their results.
