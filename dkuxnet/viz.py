@@ -6,7 +6,7 @@ plotly's renderer with the ``PLOTLY_RENDERER`` environment variable and Colab pi
 The interactive figures (:func:`slice_browser`, :func:`case_picker_figure`) use plotly's own sliders
 and dropdowns over pre-computed traces, so they work in the static HTML book without a kernel.
 Arrays are volumes indexed ``(X, Y, Z)`` as in the LA h5 files; meshes are in voxel units times
-``spacing``.
+``spacing``. The architecture diagram (:func:`architecture_figure`) takes a model instead.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from dkuxnet.models import DKUXNet
 
 LOSS_KEYS = ("loss", "seg", "qd", "ds", "qdc", "segc", "ramp")
 AXIS_NAMES = ("x", "y", "z")
@@ -478,4 +481,306 @@ def assignment_figure(
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(title)
+    return fig
+
+
+# Kinds of blocks in the architecture diagram (one categorical colour each), with their legend labels.
+ARCHITECTURE_KINDS = {
+    "input": "input volume",
+    "ux-stage": "UX-Net stage (downsampling + UX blocks)",
+    "resblock": "ResBlock (skip path, bottleneck)",
+    "upblock": "UpBlock (pixel decoder)",
+    "centres": "cluster centres Z",
+    "kmax": "kMaX layer (k-means cross-attention)",
+    "head": "head",
+    "output": "output",
+}
+# Box title and symbolic shape of the rows that are not feature maps of the U-Net (V = X·Y·Z voxels).
+_ROW_TITLES = {
+    "cluster_centers": ("centres Z", "C × N"),
+    "mask_embedding": ("mask embedding", "C × N"),
+    "predictor": ("predictor → logits L", "N × V"),
+    "mlp": ("mlp → classes Φ", "N·K"),
+    "conv_head": ("conv head → logits", "K × V"),
+    "S": ("S = softmax$_N$(L)", "N × V"),
+    "Y": ("Y = ΦᵀS", "K × V"),
+    "O": ("O = group sums of S", "G × V"),
+}
+
+
+def _tensors(value: Any) -> list[Any]:
+    """The tensors of a module's inputs or output: a tensor, or the tensors in a tuple / list."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [v for v in value if isinstance(v, torch.Tensor)] if isinstance(value, (tuple, list)) else []
+
+
+def architecture_rows(model: DKUXNet, input_shape: Sequence[int] = (1, 1, 112, 112, 80)) -> list[dict[str, Any]]:
+    """The blocks of a DKUXNet in forward order, with the output shapes of one forward pass (no memory).
+
+    The rows come from the model object: the UX-Net stages of ``model.encoder``, the parts of
+    :func:`dkuxnet.models.named_parts` (``enc*`` ResBlocks, ``dec*`` UpBlocks, ``kmax.dec*.*`` layers,
+    ``conv_head`` when built, ``mask_embedding``, ``predictor``, ``mlp``), the learnt ``cluster_centers``,
+    the ``input`` and the outputs ``S`` (``query_probs``), ``Y`` (the query segmentation ΦᵀS) and ``O``
+    (``cluster_probs``). Forward hooks record each block's output shape; forward pre-hooks record which row
+    produced each of its inputs (by tensor identity, following views to their base), which gives the skip
+    connections, the decoder scale each kMaX layer reads and the path of the centres. Only the inputs of
+    ``S``, ``Y`` and ``O`` are set from their definitions (computed in ``forward`` outside any block).
+
+    The pass runs on fake tensors (``torch._subclasses.fake_tensor.FakeTensorMode``): every parameter and
+    buffer is swapped (``torch.func.functional_call``) for a CPU-labelled tensor without data (meta storage),
+    so nothing is allocated or computed (about 1 s for ``paper`` at 112×112×80) and ``model`` may be on any
+    device, meta included; its weights are neither read nor changed. A pass on the ``meta`` device itself
+    fails: the fp32 islands (:func:`dkuxnet.precision.fp32_island`) open ``torch.autocast`` on the tensors'
+    device type, and PyTorch has no autocast for ``meta``.
+
+    Args:
+        model: the network (for ``TwoNetworks`` pass one of its two, e.g. ``model.first``).
+        input_shape: B, C, X, Y, Z of the input; X, Y, Z divisible by 2^(number of stages).
+
+    Returns:
+        One dict per row: ``name``; ``kind`` (a key of :data:`ARCHITECTURE_KINDS`); ``shape`` (the output
+        without the batch axis: C×X×Y×Z for feature maps, C×N for the centres and a kMaX layer's updated
+        centres, N·K for the mlp); ``channels`` (``shape[0]``); ``stride`` (input size / output grid size;
+        for a kMaX layer the grid of the decoder feature it reads and of its affinity; None for the query
+        space); ``parameters`` (the parameters the row owns: the rows partition ``model.parameters()``, so
+        they sum to ``model_info(preset)["parameters"]``); ``inputs`` (names of the rows it reads).
+
+    Raises:
+        TypeError: when ``model`` is not a DKUXNet.
+        ValueError: for an input shape of the wrong rank, channel count or grid size.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+
+    from dkuxnet.models import DKUXNet, named_parts
+    from dkuxnet.models.blocks import ResBlock3d, UpBlock3d
+    from dkuxnet.models.kmax import KMaXLayer
+
+    if not isinstance(model, DKUXNet):
+        raise TypeError(f"model must be a DKUXNet (of TwoNetworks pass one: model.first), got {type(model).__name__}")
+    shape = tuple(input_shape)
+    if len(shape) != 5 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
+        raise ValueError(f"input_shape must be 5 positive integers B, C, X, Y, Z, got {shape}")
+    shape = tuple(int(s) for s in shape)
+    in_channels = model.encoders[0].conv1.in_channels
+    if shape[1] != in_channels:
+        raise ValueError(f"input_shape has {shape[1]} channels, the model takes {in_channels}")
+    factor = 2 ** len(model.decoders)
+    if any(s % factor for s in shape[2:]):
+        raise ValueError(f"X, Y, Z of input_shape must be divisible by {factor} (2^stages), got {shape[2:]}")
+
+    encoder = model.encoder
+    blocks = [  # (row name, kind, modules): parameters of all modules, inputs of the first, shape of the last
+        (f"stage{i + 1}", "ux-stage", [down, stage, norm])
+        for i, (down, stage, norm) in enumerate(zip(encoder.downsample, encoder.stages, encoder.norms))
+    ]
+    kinds = ((ResBlock3d, "resblock"), (UpBlock3d, "upblock"), (KMaXLayer, "kmax"))
+    for name, module in named_parts(model).items():
+        if module is not encoder:
+            blocks.append((name, next((k for cls, k in kinds if isinstance(module, cls)), "head"), [module]))
+
+    producer: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # every registered tensor stays alive during the pass: no id is reused
+    inputs: dict[str, list[str]] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}
+
+    def register(name: str, tensors: list[torch.Tensor]) -> None:
+        producer.update((id(t), name) for t in tensors)
+        alive.extend(tensors)
+
+    def source(t: torch.Tensor | None) -> str | None:
+        while t is not None and id(t) not in producer:
+            t = t._base  # a view (expand, flatten, slice) reads the tensor it views
+        return None if t is None else producer[id(t)]
+
+    def read_hook(name: str) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            inputs[name] = list(dict.fromkeys(s for s in map(source, _tensors(args)) if s is not None))
+        return hook
+
+    def write_hook(name: str, last: bool) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            register(name, _tensors(output))
+            if last:
+                outputs[name] = _tensors(output)
+        return hook
+
+    handles = []
+    for name, _, modules in blocks:
+        handles.append(modules[0].register_forward_pre_hook(read_hook(name)))
+        handles += [m.register_forward_hook(write_hook(name, m is modules[-1])) for m in modules]
+    dtype = model.cluster_centers.dtype
+    try:  # CPU-labelled fakes, also when called under ``torch.device("meta")``
+        with torch.device("cpu"), FakeTensorMode(), torch.no_grad():
+            state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+            fake = {key: torch.empty(t.shape, dtype=t.dtype) for key, t in state.items()}
+            x = torch.empty(shape, dtype=dtype)
+            register("input", [x])
+            register("cluster_centers", [fake["cluster_centers"]])
+            out = functional_call(model, fake, (x,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name, _, _ in blocks if name not in outputs]
+    if missing:
+        raise RuntimeError(f"blocks {missing} did not run in the forward pass")
+
+    def row(name: str, kind: str, tensor: torch.Tensor, stride: int | None, parameters: int,
+            reads: list[str]) -> dict[str, Any]:
+        out_shape = tuple(int(s) for s in tensor.shape)
+        return {"name": name, "kind": kind, "channels": out_shape[0], "shape": out_shape, "stride": stride,
+                "parameters": parameters, "inputs": reads}
+
+    def stride(tensors: list[torch.Tensor]) -> int | None:
+        grids = [t for t in tensors if t.dim() == 5]  # B×C×x×y×z
+        return shape[2] // int(grids[0].shape[2]) if grids else None
+
+    rows = [row("input", "input", x[0], 1, 0, []),
+            row("cluster_centers", "centres", model.cluster_centers, None, model.cluster_centers.numel(), [])]
+    for name, kind, modules in blocks:
+        parameters = sum(p.numel() for m in modules for p in m.parameters())
+        rows.append(row(name, kind, outputs[name][0][0], stride(outputs[name]), parameters, inputs[name]))
+    y = out.seg_logits if out.query_seg_logits is None else out.query_seg_logits
+    for name, tensor, reads in (("S", out.query_probs, ["predictor"]), ("Y", y, ["predictor", "mlp"]),
+                                ("O", out.cluster_probs, ["predictor"])):
+        rows.append(row(name, "output", tensor[0], stride([tensor]), 0, reads))
+    return rows
+
+
+def _architecture_grid(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+    """(column, level) of every row: level = log2(stride), -1 for the outputs; a U-Net with kMaX beside it.
+
+    Columns: 0 input and UX-Net stages (down), 1 ResBlocks (skip path, bottleneck at the bottom),
+    2 UpBlocks (up), 3… the kMaX layers of each decoder scale side by side, centres below the coarsest;
+    the query heads in the next column, the predictor beside dec0, the conv head and the outputs on top.
+    """
+    level = {r["name"]: r["stride"].bit_length() - 1 for r in rows if r["stride"] is not None}
+    kmax_levels = [level[r["name"]] for r in rows if r["kind"] == "kmax"]
+    heads = 3 + max(kmax_levels.count(lv) for lv in kmax_levels)
+    finest = min(kmax_levels)
+    fixed = {"cluster_centers": (3, max(level.values())), "predictor": (3, 0), "conv_head": (2, -1),
+             "mask_embedding": (heads, finest), "mlp": (heads, finest - 1)}
+    columns = {"input": 0, "ux-stage": 0, "resblock": 1, "upblock": 2}
+    grid: dict[str, tuple[int, int]] = {}
+    placed: dict[int, int] = {}  # kMaX layers placed per level, then outputs placed (level -1)
+    for r in rows:
+        name, kind = r["name"], r["kind"]
+        if kind in columns:
+            grid[name] = (columns[kind], level[name])
+        elif kind in ("kmax", "output"):
+            lv = level[name] if kind == "kmax" else -1
+            grid[name] = (3 + placed.get(lv, 0), lv)
+            placed[lv] = placed.get(lv, 0) + 1
+        else:
+            grid[name] = fixed[name]
+    return grid
+
+
+def _count_text(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 10**6 else f"{n / 1e3:.1f} k" if n >= 10**3 else str(n)
+
+
+def _architecture_label(row: Mapping[str, Any], by_name: Mapping[str, Mapping[str, Any]],
+                        bottleneck: str) -> tuple[str, str]:
+    """Title and detail lines of one row's box: shape (symbolic where useful) and parameter count."""
+    shape = row["shape"]
+    numbers = f"{shape[0]} × {'×'.join(map(str, shape[1:]))}" if len(shape) > 1 else str(shape[0])
+    name, kind = row["name"], row["kind"]
+    if kind == "kmax":
+        pixels = next(by_name[s] for s in row["inputs"] if by_name[s]["stride"] is not None)
+        title = f"kMaX {name.removeprefix('kmax.')}"
+        details = f"N = {shape[1]}, C = {shape[0]}\nreads {pixels['name']}: {'×'.join(map(str, pixels['shape'][1:]))}"
+    elif name in _ROW_TITLES:
+        title, symbol = _ROW_TITLES[name]
+        details = f"{symbol}\n{numbers}"
+    else:
+        title = f"UX-Net {name}" if kind == "ux-stage" else f"{name} (bottleneck)" if name == bottleneck else name
+        details = numbers
+    if kind not in ("input", "output"):
+        details += f"\n{_count_text(row['parameters'])} params"
+    return title, details
+
+
+def architecture_figure(model: DKUXNet, input_shape: Sequence[int] = (1, 1, 112, 112, 80), preset: str = "") -> Any:
+    """Matplotlib block diagram of a DKUXNet drawn from :func:`architecture_rows` (one box per row).
+
+    A U: the input and the UX-Net stages go down on the left, the ResBlocks of the skip path (``enc*``) lie
+    beside them with the bottleneck at the bottom, the UpBlocks (``dec*``) go up on the right; the kMaX
+    layers sit beside the decoder scale they read (N queries of width C), the cluster centres Z enter below
+    the coarsest one and flow through them to the mask embedding (→ predictor) and the mlp (→ Φ); the
+    outputs S, Y = ΦᵀS and O are on top. Rows are placed by stride (labelled on the left), one colour per
+    kind of block (:data:`ARCHITECTURE_KINDS`); arrows are the data flow the forward pass recorded
+    (dashed: skip connections; coloured: the centres). Each box gives the output shape per volume
+    (channels × X×Y×Z, V = X·Y·Z) and the block's parameters.
+
+    Args:
+        model: the network, e.g. built on the meta device (see :func:`architecture_rows`).
+        input_shape: B, C, X, Y, Z of the input the shapes are computed for.
+        preset: name of the preset the model was built from, for the title.
+
+    Returns:
+        The figure; ``fig.axes[0].patches`` holds exactly one box per row, in row order.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyBboxPatch, Patch
+
+    rows = architecture_rows(model, input_shape)
+    by_name = {r["name"]: r for r in rows}
+    grid = _architecture_grid(rows)
+    bottleneck = max((r for r in rows if r["kind"] == "resblock"), key=lambda r: r["stride"])["name"]
+    colours = {kind: plt.get_cmap("tab10")(i) for i, kind in enumerate(ARCHITECTURE_KINDS)}
+    columns = max(c for c, _ in grid.values()) + 1
+    levels = sorted({lv for _, lv in grid.values()})
+    dx, dy, width, height = 2.75, 1.45, 2.2, 1.05  # grid steps and box size, in data units
+    xlim = (-dx, (columns - 0.4) * dx)
+    ylim = (-(levels[-1] + 0.6) * dy, -(levels[0] - 0.55) * dy)
+    inch, top, bottom = 0.65, 0.4, 0.75  # inches per data unit (about 12 inches wide for paper); title, legend
+    size = (inch * (xlim[1] - xlim[0]), inch * (ylim[1] - ylim[0]) + top + bottom)
+    fig = plt.figure(figsize=size)
+    ax = fig.add_axes((0.0, bottom / size[1], 1.0, 1.0 - (top + bottom) / size[1]))  # data units stay square
+    boxes = {}
+    for r in rows:
+        col, lv = grid[r["name"]]
+        x, y = col * dx, -lv * dy
+        colour = colours[r["kind"]]
+        box = FancyBboxPatch((x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0,rounding_size=0.12",
+                             facecolor=to_rgba(colour, 0.25), edgecolor=colour, linewidth=1.3, zorder=2)
+        boxes[r["name"]] = ax.add_patch(box)
+        title, details = _architecture_label(r, by_name, bottleneck)
+        ax.text(x, y + 0.3 * height, title, ha="center", va="center", fontsize=7.5, fontweight="bold", zorder=3)
+        ax.text(x, y - 0.13 * height, details, ha="center", va="center", fontsize=6.5, linespacing=1.25, zorder=3)
+    for r in rows:
+        for src in r["inputs"]:
+            (c0, l0), (c1, l1) = grid[src], grid[r["name"]]
+            skip = by_name[src]["kind"] == "resblock" and r["kind"] == "upblock" and l0 == l1
+            centres = by_name[src]["kind"] in ("centres", "kmax")
+            jump = (l0 == l1 and abs(c1 - c0) > 1) or (c0 == c1 and abs(l1 - l0) > 1)  # would cross a box
+            ax.annotate("", xy=(c1 * dx, -l1 * dy), xytext=(c0 * dx, -l0 * dy), zorder=1, arrowprops={
+                "arrowstyle": "-|>", "mutation_scale": 9, "shrinkA": 1, "shrinkB": 1,
+                "color": colours["centres"] if centres else "dimgrey", "linewidth": 1.4 if centres else 1.0,
+                "linestyle": (0, (2.5, 1.5)) if skip else "-", "connectionstyle": f"arc3,rad={-0.3 if jump else 0.0}",
+                "patchA": boxes[src], "patchB": boxes[r["name"]],
+            })
+    for lv in levels:
+        ax.text(-0.62 * dx, -lv * dy, "outputs" if lv < 0 else f"stride {2**lv}", ha="right", va="center",
+                fontsize=7.5, color="dimgrey")
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.set_axis_off()
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    handles = [Patch(facecolor=to_rgba(colours[k], 0.25), edgecolor=colours[k], label=ARCHITECTURE_KINDS[k])
+               for k in kinds]
+    handles += [Line2D([], [], color="dimgrey", linestyle=(0, (2.5, 1.5)), label="skip connection"),
+                Line2D([], [], color=colours["centres"], linewidth=1.4, label="centres Z, coarse to fine")]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=7, frameon=False)
+    total = sum(r["parameters"] for r in rows)
+    name = f"DKUXNet ({preset})" if preset else "DKUXNet"
+    ax.set_title(f"{name}: {total:,} parameters; shapes per volume for an input of "
+                 f"{'×'.join(map(str, input_shape[2:]))}", fontsize=10)
     return fig

@@ -271,3 +271,180 @@ def test_orthogonal_slices_has_three_panels():
     fig = viz.orthogonal_slices(gt.astype(np.float32), gt, gt)
     assert len(fig.axes) == 3
     plt.close(fig)
+
+
+# --- architecture diagram: rows walked from the model object, shapes from one fake-tensor forward pass ---
+
+import functools  # noqa: E402
+
+import torch  # noqa: E402
+
+from dkuxnet.config import get_preset  # noqa: E402
+from dkuxnet.models import create_model, model_info  # noqa: E402
+
+PATCH = (112, 112, 80)
+
+
+@pytest.fixture(scope="module")
+def fake_tensors_imported():
+    """Pay once, in setup, the one-time import of ``torch._dynamo`` that ``FakeTensorMode()`` triggers (≈ 2-3 s)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    FakeTensorMode()
+
+
+def meta_model(preset: str, **overrides):
+    """A preset's config (with dotted overrides) and its model built on the meta device."""
+    cfg = get_preset(preset).override(**overrides) if overrides else get_preset(preset)
+    with torch.device("meta"):
+        return cfg, create_model(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def arch(preset: str):
+    """(config, architecture rows at 1×1×112×112×80) of a preset, computed once per process."""
+    cfg, model = meta_model(preset)
+    return cfg, viz.architecture_rows(model, (1, 1, *PATCH))
+
+
+@pytest.mark.usefixtures("fake_tensors_imported")
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_architecture_rows_have_every_block_of_the_config(preset):
+    cfg, rows = arch(preset)
+    m, by_name = cfg.model, {r["name"]: r for r in rows}
+    stages = len(m.widths)
+    names = {kind: [r["name"] for r in rows if r["kind"] == kind] for kind in viz.ARCHITECTURE_KINDS}
+    assert names["ux-stage"] == [f"stage{i}" for i in range(1, stages + 1)]
+    assert names["resblock"] == [f"enc{i}" for i in range(1, stages + 2)]  # the last is the bottleneck
+    assert names["upblock"] == [f"dec{i}" for i in range(stages - 1, -1, -1)]
+    # kmax_scales × kmax_layers_per_scale layers, coarse to fine, each on the decoder scale it reads
+    expected = [(f"kmax.dec{stages - 1 - s}.{j}", 2 ** (stages - 1 - s))
+                for s in range(m.kmax_scales) for j in range(m.kmax_layers_per_scale)]
+    assert [(r["name"], r["stride"]) for r in rows if r["kind"] == "kmax"] == expected
+    assert [r["stride"] for r in rows if r["kind"] == "kmax"] == [8, 8, 4, 4, 2, 2]  # both: 3 scales × 2 layers
+    previous = "cluster_centers"  # the centres flow through every kMaX layer to the query heads
+    for name, _ in expected:
+        assert by_name[name]["inputs"] == [name.split(".")[1], previous]
+        assert by_name[name]["shape"] == (m.query_dim, m.num_queries)
+        previous = name
+    assert by_name["mask_embedding"]["inputs"] == by_name["mlp"]["inputs"] == [previous]
+    assert names["head"] == ["mask_embedding", "predictor", "mlp"]  # no conv head in these presets
+    assert names["output"] == ["S", "Y", "O"] and names["centres"] == ["cluster_centers"]
+
+
+@pytest.mark.usefixtures("fake_tensors_imported")
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_architecture_rows_shapes_follow_the_strides(preset):
+    cfg, rows = arch(preset)
+    m, by_name = cfg.model, {r["name"]: r for r in rows}
+    stages, w = len(m.widths), m.widths
+
+    def grid(stride):
+        return tuple(s // stride for s in PATCH)
+
+    for i in range(1, stages + 1):  # stem at stride 2, then one k2 s2 downsampling per stage
+        assert (by_name[f"stage{i}"]["shape"], by_name[f"stage{i}"]["stride"]) == ((w[i - 1], *grid(2**i)), 2**i)
+    assert by_name["enc1"]["shape"] == (w[0], *PATCH) and by_name["enc1"]["inputs"] == ["input"]
+    for j in range(2, stages + 2):  # enc_j reads stage_{j-1}; the last one is the bottleneck
+        channels = m.hidden if j == stages + 1 else w[j - 1]
+        assert by_name[f"enc{j}"]["shape"] == (channels, *grid(2 ** (j - 1)))
+        assert by_name[f"enc{j}"]["inputs"] == [f"stage{j - 1}"]
+    bottleneck = by_name[f"enc{stages + 1}"]
+    assert bottleneck["stride"] == 2**stages == 16  # 4 stages: stride 16 (stem 2 × three downsamplings)
+    if preset == "paper":
+        assert bottleneck["shape"] == (768, 7, 7, 5)
+    for k in range(stages):  # dec_k at stride 2^k reads the coarser path and the skip enc_{k+1}
+        coarser = f"enc{stages + 1}" if k == stages - 1 else f"dec{k + 1}"
+        assert (by_name[f"dec{k}"]["shape"], by_name[f"dec{k}"]["stride"]) == ((w[k], *grid(2**k)), 2**k)
+        assert by_name[f"dec{k}"]["inputs"] == [coarser, f"enc{k + 1}"]
+    assert by_name["dec0"]["shape"] == (w[0], *PATCH)
+    n, k, g = m.num_queries, m.num_classes, len(m.query_groups)
+    assert by_name["predictor"]["shape"] == (n, *PATCH)
+    assert by_name["predictor"]["inputs"] == ["dec0", "mask_embedding"]
+    assert by_name["mlp"]["shape"] == (n * k,) and by_name["mask_embedding"]["shape"] == (m.query_dim, n)
+    assert [by_name[o]["shape"] for o in ("S", "Y", "O")] == [(n, *PATCH), (k, *PATCH), (g, *PATCH)]
+    assert all(r["channels"] == r["shape"][0] for r in rows)
+
+
+@pytest.mark.usefixtures("fake_tensors_imported")
+@pytest.mark.parametrize("preset", ["tiny", "paper", "official"])
+def test_architecture_rows_partition_the_parameters(preset):
+    cfg, model = meta_model(preset)
+    rows = viz.architecture_rows(model, (1, 1, 32, 32, 32))
+    info = model_info(preset)
+    params = {r["name"]: r["parameters"] for r in rows}
+    assert sum(params.values()) == info["parameters"]  # every parameter of the model, each in one row
+    assert sum(v for name, v in params.items() if name.startswith("stage")) == info["parts"]["encoder"]
+    assert all(params[name] == count for name, count in info["parts"].items() if name != "encoder")
+    conv_head = [r for r in rows if r["name"] == "conv_head"]
+    assert len(conv_head) == (cfg.model.seg_head == "conv")
+    if conv_head:
+        assert conv_head[0]["inputs"] == ["dec0"] and conv_head[0]["shape"] == (cfg.model.num_classes, 32, 32, 32)
+
+
+@pytest.mark.usefixtures("fake_tensors_imported")
+def test_architecture_rows_follow_the_config():
+    _, rows = arch("paper")
+    _, model = meta_model("paper", **{"model.kmax_scales": 2})
+    changed = viz.architecture_rows(model, (1, 1, *PATCH))
+    assert [r["stride"] for r in changed if r["kind"] == "kmax"] == [8, 8, 4, 4]
+    assert {r["name"] for r in rows} - {r["name"] for r in changed} == {"kmax.dec1.0", "kmax.dec1.1"}
+    assert next(r for r in changed if r["name"] == "mlp")["inputs"] == ["kmax.dec2.1"]
+    # paper with 2 kMaX scales is the authors' DKUNET class
+    assert sum(r["parameters"] for r in changed) == model_info("authors-script")["parameters"]
+
+
+@pytest.mark.usefixtures("fake_tensors_imported")
+@pytest.mark.parametrize("overrides", [{}, {"model.kmax_scales": 2}, {"model.kmax_layers_per_scale": 3},
+                                       {"model.seg_head": "conv"}])
+def test_architecture_figure_has_one_box_per_row(overrides):
+    cfg, model = meta_model("tiny", **overrides)
+    shape = (1, 1, 32, 32, 32)
+    rows = viz.architecture_rows(model, shape)
+    fig = viz.architecture_figure(model, shape, preset="tiny")
+    ax = fig.axes[0]
+    assert len(ax.patches) == len(rows)  # arrows are annotations and legend entries proxies, not patches
+    assert sum(r["kind"] == "kmax" for r in rows) == cfg.model.kmax_scales * cfg.model.kmax_layers_per_scale
+    assert any(r["name"] == "conv_head" for r in rows) == (cfg.model.seg_head == "conv")
+    plt.close(fig)
+
+
+@pytest.mark.usefixtures("fake_tensors_imported")
+def test_architecture_figure_colours_and_title_cpu():
+    cfg, model = meta_model("cpu")
+    shape = (1, 1, *cfg.data.patch_size)
+    rows = viz.architecture_rows(model, shape)
+    fig = viz.architecture_figure(model, shape, preset="cpu")
+    ax = fig.axes[0]
+    colours: dict[str, set] = {}
+    for row, patch in zip(rows, ax.patches):
+        colours.setdefault(row["kind"], set()).add(patch.get_facecolor())
+    assert all(len(c) == 1 for c in colours.values())  # one colour per kind of block ...
+    assert len(set.union(*colours.values())) == len(colours) == len(viz.ARCHITECTURE_KINDS)  # ... all distinct
+    assert "cpu" in ax.get_title() and f"{model_info('cpu')['parameters']:,} parameters" in ax.get_title()
+    fig.canvas.draw()  # renders (Agg) without error
+    plt.close(fig)
+
+
+@pytest.mark.usefixtures("fake_tensors_imported")
+def test_architecture_rows_of_a_real_model_match_and_leave_it_unchanged():
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shape = (1, 1, 32, 32, 32)
+    assert viz.architecture_rows(model, shape) == viz.architecture_rows(meta_model("tiny")[1], shape)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_architecture_rows_check_arguments():
+    _, model = meta_model("tiny")
+    with pytest.raises(TypeError, match="DKUXNet"):
+        viz.architecture_rows(meta_model("vnet")[1])
+    with pytest.raises(ValueError, match="5 positive integers"):
+        viz.architecture_rows(model, (1, 1, 32, 32))
+    with pytest.raises(ValueError, match="channels"):
+        viz.architecture_rows(model, (1, 2, 32, 32, 32))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        viz.architecture_rows(model, (1, 1, 40, 32, 32))
