@@ -31,9 +31,6 @@ PROFILE ?= smoke
 NB_TIMEOUT ?= 540
 NBS     := $(sort $(wildcard notebooks/*.py))
 
-# plotly 7's default under papermill is plotly_mimetype, which JB1 drops;
-# notebook_connected + plotly.min.js served from _static renders offline.
-export PLOTLY_RENDERER ?= notebook_connected
 export MPLBACKEND ?= Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # OpenMP threads sleep instead of spinning while waiting: spinning made CPU steps up to 8x slower
@@ -42,6 +39,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 WIDGETS_MANAGER := @jupyter-widgets/html-manager@1.0.15
 REQUIREJS       := requirejs@2.3.8
+MATHJAX         := mathjax@3.2.2
 
 .PHONY: book test setup vendor execute html book-check screenshot serve clean mutants
 
@@ -64,14 +62,19 @@ _build/setup.stamp: $(VENV)/pyvenv.cfg requirements.txt pyproject.toml
 
 setup: _build/setup.stamp
 
-# JS served from the book itself: plotly.js from the installed plotly package, require.js and the
-# ipywidgets HTML manager from npm. The site then needs no CDN for figures or widgets.
-$(VENDOR)/.stamp: _build/setup.stamp
-	rm -rf $(VENDOR) _build/npm && mkdir -p _build/npm $(VENDOR)/widgets
-	cd _build/npm && npm pack --silent $(WIDGETS_MANAGER) $(REQUIREJS) >/dev/null
+# JS served from the book itself: plotly.js from the installed plotly package, require.js, the
+# ipywidgets HTML manager and MathJax from npm. The site then needs no CDN for figures, widgets or
+# equations. MathJax finds its fonts and the TeX extensions it autoloads (\boldsymbol, \color, ...)
+# relative to tex-chtml.js, so the es5/ layout is kept (2 MB of the package's 24 MB).
+# The Makefile is a prerequisite because the pins above live in it.
+$(VENDOR)/.stamp: _build/setup.stamp Makefile
+	rm -rf $(VENDOR) _build/npm && mkdir -p _build/npm $(VENDOR)/widgets $(VENDOR)/mathjax
+	cd _build/npm && npm pack --silent $(WIDGETS_MANAGER) $(REQUIREJS) $(MATHJAX) >/dev/null
 	tar -xzf _build/npm/requirejs-2.3.8.tgz -C $(VENDOR) --strip-components=1 package/require.js
 	tar -xzf _build/npm/jupyter-widgets-html-manager-1.0.15.tgz -C _build/npm
 	cd _build/npm/package/dist && cp embed-amd.js *.woff *.woff2 *.ttf *.eot *.svg $(CURDIR)/$(VENDOR)/widgets/
+	tar -xzf _build/npm/mathjax-3.2.2.tgz -C $(VENDOR)/mathjax --strip-components=2 \
+	  package/es5/tex-chtml.js package/es5/output/chtml/fonts/woff-v2 package/es5/input/tex/extensions
 	cp "$$($(BIN)/python -c 'import os, plotly; print(os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js"))')" $(VENDOR)/
 	touch $@
 
@@ -81,6 +84,8 @@ vendor: $(VENDOR)/.stamp
 # in place, with the kernel's working directory _build/stage/notebooks. Relative paths a notebook
 # writes (../_build/phantom, ../_build/runs/...) therefore land in the throw-away stage, never in the repo.
 # Notebooks run in name order (01_ … 07_), so later ones may reuse what earlier ones wrote.
+# Each kernel first runs dkuxnet/plotting_setup.py (PYTHONSTARTUP): figures become plain plotly divs that
+# use the page's _static/plotly.min.js, without the CDN scripts of plotly's own HTML renderers.
 execute: setup vendor
 	rm -rf $(STAGE) && mkdir -p $(STAGE)/notebooks
 	cp -r _config.yml _toc.yml book $(STAGE)/
@@ -92,7 +97,7 @@ execute: setup vendor
 	  for attempt in 1 2; do \
 	    echo "execute: $$py (profile $(PROFILE), attempt $$attempt)"; \
 	    $(BIN)/jupytext --quiet --to ipynb -o $$nb $$py || exit 1; \
-	    rc=0; timeout $(NB_TIMEOUT) $(BIN)/papermill --no-progress-bar --log-level WARNING --execution-timeout 600 \
+	    rc=0; PYTHONSTARTUP=$(CURDIR)/dkuxnet/plotting_setup.py timeout $(NB_TIMEOUT) $(BIN)/papermill --no-progress-bar --log-level WARNING --execution-timeout 600 \
 	      --cwd $(STAGE)/notebooks -k python3 $$nb $$nb -p profile $(PROFILE) || rc=$$?; \
 	    if [ $$rc -eq 0 ]; then ok=1; break; fi; \
 	    [ $$rc -eq 124 ] || break; \
@@ -101,6 +106,7 @@ execute: setup vendor
 	  [ -n "$$ok" ] || { echo "execute: $$py FAILED" >&2; exit 1; }; \
 	  echo "execute: $$py done in $$((SECONDS - t0)) s"; \
 	done
+	$(BIN)/python tools/hide_injected_parameters.py $(STAGE)/notebooks/*.ipynb
 
 html: execute
 	$(BIN)/jupyter-book build $(STAGE) --keep-going -W -n

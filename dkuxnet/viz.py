@@ -1,8 +1,9 @@
 """Figures for the book: surfaces, slices, slice and case browsers, curves (plotly, matplotlib).
 
 Every function takes plain arrays / paths and returns a figure; nothing is shown here, so the caller
-(a notebook) decides where it goes. No renderer is chosen in this module: the book build selects
-plotly's renderer with the ``PLOTLY_RENDERER`` environment variable and Colab picks its own.
+(a notebook) decides where it goes. No renderer is chosen in this module: the book build's kernels run
+:mod:`dkuxnet.plotting_setup` at start-up (figures as plain divs drawn by the book's own plotly.js), and
+Jupyter, Binder and Colab keep their own renderers.
 The interactive figures (:func:`slice_browser`, :func:`case_picker_figure`) use plotly's own sliders
 and dropdowns over pre-computed traces, so they work in the static HTML book without a kernel.
 Arrays are volumes indexed ``(X, Y, Z)`` as in the LA h5 files; meshes are in voxel units times

@@ -15,8 +15,10 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import matplotlib.image
 import numpy as np
@@ -79,6 +81,33 @@ def test_every_page_is_in_the_toc() -> None:
     assert not pages - set(TOC), f"pages missing from _toc.yml (the build ignores them): {sorted(pages - set(TOC))}"
 
 
+READING_ORDER = [
+    "book/intro", "book/method", "book/decisions", "book/data", "notebooks/01_data", "notebooks/02_model",
+    "notebooks/03_train", "notebooks/04_evaluate", "notebooks/05_ablation", "notebooks/06_visualize",
+    "notebooks/07_results", "book/reproduce", "book/faq", "book/references", "book/performance",
+]
+
+
+def test_one_reading_order() -> None:
+    """_toc.yml (the Next buttons), every notebook's "What's next" and its "Prerequisites" follow one order."""
+    assert TOC == READING_ORDER, f"_toc.yml is not in the reading order: {TOC}"
+    last = _yaml("_toc.yml")["parts"][-1]
+    assert last["caption"] == "Appendix" and [c["file"] for c in last["chapters"]] == ["book/performance"]
+    for i, entry in enumerate(TOC):
+        py = (ROOT / entry).with_suffix(".py")
+        if not py.exists():
+            continue
+        text = _markdown(py)
+        prereq = text.split("## Prerequisites", 1)[1].split("\n# ##", 1)[0]
+        later = [t for t in _LINK.findall(prereq) if _doc_name(py, t) in TOC[i:]]
+        assert not later, f"{entry}: prerequisites name this page or later ones: {later}"
+        nxt, following = text.split("## What's next", 1)[1], TOC[i + 1]
+        named = [_doc_name(py, t) for t in _LINK.findall(nxt)]
+        assert named[:1] == [following] or (not named and following.split("/")[-1] in nxt.lower()), (
+            f"{entry}: 'What's next' should name {following}, names {named or nxt.strip()[:80]}"
+        )
+
+
 def test_config_is_the_offline_recipe() -> None:
     cfg = _yaml("_config.yml")
     assert cfg["execute"]["execute_notebooks"] == "off"  # a string, not YAML's boolean false
@@ -86,10 +115,38 @@ def test_config_is_the_offline_recipe() -> None:
     assert sphinx["html_static_path"] == ["_vendor"]
     assert sphinx["html_js_files"] == ["plotly.min.js"]
     assert set(sphinx["nb_ipywidgets_js"]) == {"require.js", "widgets/embed-amd.js"}
+    assert sphinx["mathjax_path"] == "mathjax/tex-chtml.js"  # relative: served from _static
+    assert "sphinx_thebe" not in sphinx["extensions"], "sphinx_thebe writes a thebe address on unpkg.com into every page"
+    assert "://" not in json.dumps(sphinx), "the Sphinx configuration names a remote address (a CDN?)"
     assert cfg["launch_buttons"]["binderhub_url"] and cfg["launch_buttons"]["colab_url"]
     assert not (ROOT / "_static").exists(), "a top-level _static/ makes JB1 inject every .js in it"
     for bib in cfg.get("bibtex_bibfiles", []):
         assert (ROOT / bib).exists(), f"bibtex file {bib} is missing"
+
+
+def test_makefile_vendors_mathjax_and_runs_the_book_renderer() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^MATHJAX\s*:=\s*mathjax@\d+\.\d+\.\d+\s*$", makefile, flags=re.MULTILINE), "MathJax is not pinned"
+    assert "PYTHONSTARTUP=$(CURDIR)/dkuxnet/plotting_setup.py" in makefile, "papermill kernels do not get the book renderer"
+
+
+def test_book_renderer_adds_no_scripts() -> None:
+    """plotly's own HTML renderers put a cdnjs MathJax (and a cdn.plot.ly plotly.js) into every figure."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from dkuxnet.plotting_setup import RENDERER, BookRenderer, use_book_renderer
+
+    html = BookRenderer().to_mimebundle(go.Figure(go.Scatter(y=[1, 3, 2])).to_dict())["text/html"]
+    assert "Plotly.newPlot" in html and "plotly-graph-div" in html
+    assert not re.search(r"<script[^>]*\ssrc=", html), html[:500]
+    assert "MathJax" not in html
+    default = pio.renderers.default
+    try:
+        use_book_renderer()
+        assert pio.renderers.default == RENDERER
+    finally:
+        pio.renderers.default = default
 
 
 def test_addresses_are_consistent() -> None:
@@ -289,6 +346,64 @@ def test_vendored_js_is_served_by_the_book() -> None:
     assert (HTML / "_static" / "plotly.min.js").stat().st_size > 1_000_000
     assert (HTML / "_static" / "require.js").exists()
     assert (HTML / "_static" / "widgets" / "embed-amd.js").exists()
+    assert (HTML / "_static" / "mathjax" / "tex-chtml.js").exists()
+    assert list((HTML / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+
+
+# Hosts of the CDNs the book used to load from (plotly's figure scripts, Sphinx's MathJax, myst-nb's widgets, thebe).
+CDN_HOSTS = ("cdn.jsdelivr.net", "cdnjs.cloudflare.com", "unpkg.com", "cdn.plot.ly")
+BUILD_PATHS = ("/work/", "/tmp/", "/home/", "/root/", str(ROOT))
+
+
+class _Resources(HTMLParser):
+    """What a browser fetches to render a page: script src, link href, img src."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        wanted = {"script": "src", "link": "href", "img": "src"}.get(tag)
+        self.urls += [value for name, value in attrs if name == wanted and value]
+
+
+def _built_pages() -> list[Path]:
+    pages = sorted(HTML.rglob("*.html"))
+    assert pages, f"no HTML pages under {HTML}"
+    return pages
+
+
+@built
+def test_built_pages_load_nothing_from_other_hosts() -> None:
+    """Offline, every script, stylesheet and image of a page comes with the book (external links are fine)."""
+    own = urlsplit(_yaml("_config.yml")["html"]["baseurl"]).netloc
+    hits = []
+    for path in _built_pages():
+        html = path.read_text(encoding="utf-8")
+        parser = _Resources()
+        parser.feed(html)
+        rel = path.relative_to(HTML)
+        hits += [f"{rel}: {url}" for url in parser.urls
+                 if re.match(r"^(?:https?:)?//", url) and urlsplit(url, scheme="https").netloc != own]
+        hits += [f"{rel}: mentions {host}" for host in CDN_HOSTS if host in html]
+    assert not hits, "\n".join(hits)
+
+
+@built
+def test_built_pages_contain_no_build_paths() -> None:
+    hits = [f"{path.relative_to(HTML)}: {needle}" for path in _built_pages()
+            for needle in BUILD_PATHS if needle in path.read_text(encoding="utf-8")]
+    assert not hits, "absolute paths of the build machine in the built pages:\n" + "\n".join(hits)
+
+
+@built
+def test_equations_are_typeset_by_the_books_mathjax() -> None:
+    local = re.compile(r'<script[^>]*\ssrc="[./]*_static/mathjax/tex-chtml\.js')
+    method = _page("book/method.html")
+    assert local.search(method), "book/method.html does not load _static/mathjax/tex-chtml.js"
+    assert method.count('<span class="math notranslate nohighlight">') > 10, "book/method.html has no inline math"
+    math_pages = [p for p in _built_pages() if 'class="math notranslate nohighlight' in p.read_text(encoding="utf-8")]
+    assert [p.relative_to(HTML).as_posix() for p in math_pages if not local.search(p.read_text(encoding="utf-8"))] == []
 
 
 @built
@@ -296,8 +411,7 @@ def test_vendored_js_is_served_by_the_book() -> None:
 def test_plotly_figures_render_from_local_plotly(rel: str) -> None:
     html = _page(rel)
     assert "Plotly.newPlot" in html and "plotly-graph-div" in html, f"{rel} has no plotly figure"
-    # notebook_connected also emits a cdn.plot.ly loader, which fails quietly offline; the figure
-    # must not depend on it, so the page must load the book's own copy.
+    # Figures carry no plotly.js of their own (dkuxnet/plotting_setup.py): the page must load the book's copy.
     assert re.search(r'<script src="[./]*_static/plotly\.min\.js', html), f"{rel} does not load _static/plotly.min.js"
 
 
@@ -308,7 +422,12 @@ def test_interactive_figures_need_no_kernel() -> None:
         html = _page(rel)
         assert control in html, f"{rel}: no plotly {control} control"
         assert "application/vnd.jupyter.widget-view+json" not in html, f"{rel}: a kernel widget"
-    assert re.search(r'src="[./]*_static/require\.js', _page(WIDGET_PAGE)), "require.js not loaded from _static"
+    # Widgets that remain (tqdm.auto's progress bars in 03 and 04) are drawn by the book's own widget manager.
+    for path in _built_pages():
+        html = path.read_text(encoding="utf-8")
+        if "application/vnd.jupyter.widget-state+json" in html:
+            for js in (r"require\.js", r"widgets/embed-amd\.js"):
+                assert re.search(rf'src="[./]*_static/{js}', html), f"{path.relative_to(HTML)}: {js} not loaded from _static"
 
 
 @built
@@ -363,3 +482,20 @@ def test_performance_page_renders_the_committed_perf_files() -> None:
     benches = sorted((ROOT / "results" / "perf").glob("bench_*.json"))
     names = [json.loads(p.read_text())["device"] for p in benches] or ["No GPU benchmark of this package"]
     assert all(name in html for name in names)
+
+
+def test_injected_parameters_cells_are_hidden(tmp_path) -> None:
+    import nbformat
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from hide_injected_parameters import hide_injected
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("a = 1", metadata={"tags": ["injected-parameters"]}),
+                nbformat.v4.new_code_cell("b = 2", metadata={"tags": ["parameters", "hide-input"]})]
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    assert hide_injected(path) == 1 and hide_injected(path) == 0  # idempotent
+    tags = [c.metadata["tags"] for c in nbformat.read(path, as_version=4).cells]
+    assert tags == [["injected-parameters", "hide-input"], ["parameters", "hide-input"]]
+    assert "tools/hide_injected_parameters.py" in (ROOT / "Makefile").read_text()
