@@ -363,14 +363,19 @@ def loss_curves(path: Path, keys: Sequence[str] = LOSS_KEYS, x: str = "iteration
     if not records:
         raise ValueError(f"{path} has no records with the x key {x!r}")
     fig = go.Figure()
-    for key in keys:
+    styles = {"loss": {"width": 3, "color": "black"}, "ramp": {"width": 1.5, "color": "grey", "dash": "dot"}}
+    for key in sorted(keys, key=lambda k: k == "loss"):  # the total last, so no part hides it
         pts = [(r[x], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         if pts:
             xs, ys = zip(*pts)
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=key, yaxis="y2" if key == "ramp" else "y"))
+            fig.add_trace(go.Scatter(
+                x=xs, y=ys, mode="lines", name="total" if key == "loss" else key, line=styles.get(key, {"width": 1.5}),
+                yaxis="y2" if key == "ramp" else "y",
+            ))
     fig.update_layout(
         title=title or "training losses", xaxis_title=x, yaxis_title="loss", height=420,
-        yaxis2={"title": {"text": "ramp"}, "overlaying": "y", "side": "right", "range": [0, 1.05]},
+        yaxis2={"title": {"text": "ramp weight"}, "overlaying": "y", "side": "right", "range": [0, 1.05],
+                "tickvals": [0, 0.25, 0.5, 0.75, 1], "showgrid": False},
         legend={"orientation": "h", "y": -0.2},
     )
     return fig

@@ -201,9 +201,9 @@ def test_loss_curves_reads_jsonl(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")
     fig = viz.loss_curves(path)
     names = [t.name for t in fig.data]
-    assert names == ["loss", "seg", "ramp"]
-    assert list(fig.data[0].y) == [1.0, 0.5, 1.0 / 3]
-    assert fig.data[2].yaxis == "y2"
+    assert names == ["seg", "ramp", "total"]  # the total drawn last: no component hides it
+    assert list(fig.data[2].y) == [1.0, 0.5, 1.0 / 3] and fig.data[2].line.width > fig.data[0].line.width
+    assert fig.data[1].yaxis == "y2" and list(fig.layout.yaxis2.tickvals) == [0, 0.25, 0.5, 0.75, 1]
     with pytest.raises(FileNotFoundError):
         viz.loss_curves(tmp_path / "missing.jsonl")
 
