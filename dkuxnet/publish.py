@@ -6,7 +6,7 @@
 * ``<results>/<kind>/<run>.json`` — the run result (schema ``dkuxnet-result-v1``), evaluated with the
   BatchNorm statistics evaluation picks by default, and with the other set in ``bn_stats_other``;
 * ``<results>/runs/<run>/`` — ``per_case.csv`` (and ``per_case_<other>.csv``), ``metrics.jsonl`` (the
-  training log), ``train_summary.json``; with ``model=True`` a ``model.pt`` (weights, config, both sets of
+  training log), ``train_summary.json`` (without the training machine's paths); with ``model=True`` a ``model.pt`` (weights, config, both sets of
   BatchNorm statistics, provenance; no optimiser) and with ``cases`` > 0 ``cases/<id>.npz`` for the first
   test cases (:func:`export_case`).
 
@@ -31,9 +31,11 @@ from dkuxnet.data.la import read_case, read_list
 from dkuxnet.data.resample import downsample_image, downsample_label, spacing_mm
 from dkuxnet.evaluate import evaluate_checkpoint, predict_mask
 from dkuxnet.metrics import case_metrics
-from dkuxnet.results import RUNS_FOLDER, build_result, save_result
+from dkuxnet.results import RUNS_FOLDER, build_result, save_result, write_json
 
 MODEL_KEYS = ("format", "config", "model", "iteration", "provenance", "bn_recomputed")  # what model.pt keeps
+SHOWCASE_RUN = "cpu-all-r0.1-s1337"
+LOCAL_PATHS = ("out_dir", "checkpoint")  # training-summary fields naming the training machine's folders  # the committed model the book's model and visualisation pages use
 
 
 def _evaluation(run_dir: Path, data_dir: Path, bn: str, iteration: int, progress: bool) -> dict[str, Any]:
@@ -130,7 +132,8 @@ def publish_run(
     if other_bn:
         shutil.copyfile(run_dir / f"eval_{other_bn}" / "per_case.csv", files / f"per_case_{other_bn}.csv")
     shutil.copyfile(run_dir / "metrics.jsonl", files / "metrics.jsonl")
-    shutil.copyfile(run_dir / "summary.json", files / "train_summary.json")
+    train_summary = json.loads((run_dir / "summary.json").read_text())
+    write_json(files / "train_summary.json", {k: v for k, v in train_summary.items() if k not in LOCAL_PATHS})
     if model:
         strip_checkpoint(run_dir / "last.pt", files / "model.pt")
         net, cfg = model_from_state(load_checkpoint(files / "model.pt"), "cpu")

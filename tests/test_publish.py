@@ -40,7 +40,9 @@ def test_publish_writes_result_files_model_and_cases(published):
         "per_case.csv", "per_case_ema.csv", "metrics.jsonl", "train_summary.json", "model.pt", "cases"}
     state = load_checkpoint(files / "model.pt")
     assert "optimizer" not in state and "bn_recomputed" in state and state["provenance"]["commit"]
-    assert json.loads((files / "train_summary.json").read_text())["iterations"] == 3
+    train_summary = json.loads((files / "train_summary.json").read_text())
+    assert train_summary["iterations"] == 3 and "out_dir" not in train_summary
+    assert str(root) not in "".join(p.read_text() for p in files.glob("*.json"))  # no path of the training machine
 
 
 def test_case_file_holds_the_models_prediction(published):
