@@ -499,3 +499,14 @@ def test_injected_parameters_cells_are_hidden(tmp_path) -> None:
     tags = [c.metadata["tags"] for c in nbformat.read(path, as_version=4).cells]
     assert tags == [["injected-parameters", "hide-input"], ["parameters", "hide-input"]]
     assert "tools/hide_injected_parameters.py" in (ROOT / "Makefile").read_text()
+
+
+def test_long_code_lines_wrap() -> None:
+    config = (ROOT / "_config.yml").read_text()
+    assert '"book/css"' in config and 'html_css_files: ["wrap.css"]' in config
+    assert "white-space: pre-wrap" in (ROOT / "book" / "css" / "wrap.css").read_text()
+
+
+@built
+def test_pages_load_the_wrapping_stylesheet() -> None:
+    assert re.search(r'href="[./]*_static/wrap\.css', _page("notebooks/07_results.html"))
