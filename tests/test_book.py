@@ -112,7 +112,7 @@ def test_config_is_the_offline_recipe() -> None:
     cfg = _yaml("_config.yml")
     assert cfg["execute"]["execute_notebooks"] == "off"  # a string, not YAML's boolean false
     sphinx = cfg["sphinx"]["config"]
-    assert sphinx["html_static_path"] == ["_vendor"]
+    assert sphinx["html_static_path"] == ["_vendor", "book/css"]
     assert sphinx["html_js_files"] == ["plotly.min.js"]
     assert set(sphinx["nb_ipywidgets_js"]) == {"require.js", "widgets/embed-amd.js"}
     assert sphinx["mathjax_path"] == "mathjax/tex-chtml.js"  # relative: served from _static
