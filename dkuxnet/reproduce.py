@@ -138,6 +138,7 @@ class Settings:
     seed: int
     device: str
     run_dir: Path
+    fallback: str = ""  # why the requested profile was replaced (:func:`colab_support`), else empty
 
     @property
     def smoke(self) -> bool:
@@ -157,7 +158,8 @@ class Settings:
         if self.colab:
             return COLAB_NOTE.format(preset=self.preset, iterations=self.max_iterations, device=self.device)
         if self.profile == "cpu":
-            return CPU_NOTE.format(preset=self.preset, iterations=self.max_iterations, device=self.device)
+            note = CPU_NOTE.format(preset=self.preset, iterations=self.max_iterations, device=self.device)
+            return f"{note} ({self.fallback})" if self.fallback else note
         return f"{self.profile} profile: LA data, preset {self.preset}, {self.max_iterations} iterations, {self.device}"
 
     @property
@@ -180,6 +182,37 @@ class Settings:
             **profile_changes, "loss.ablation": self.ablation, "data.label_ratio": self.label_ratio,
             "train.max_iterations": self.max_iterations, "train.seed": self.seed, **changes,
         })
+
+
+COLAB_CARDS = "an L4 (24 GB) or an A100"  # cards with bf16 and at least 16 GB that the colab profile is meant for
+COLAB_FP32_GIB = 28  # tools/traffic.py --peak: the colab step without bf16, fp32-sized
+
+
+def colab_support(card: str | None, bf16: bool) -> tuple[str, str]:
+    """The profile a ``colab`` run really gets on this card, and why (empty when it is ``colab`` itself).
+
+    The ``colab`` profile trains the ``paper`` preset in bf16 at 1 + 1 volumes per view (about 12.6 GiB
+    estimated). Without a GPU it falls back to the ``cpu`` profile; on a card without bf16 (a T4) it does not
+    fit in fp32 (about 28 GiB estimated), so the card runs the ``cpu`` profile's model instead. None of this
+    has been measured on a GPU yet.
+    """
+    if card is None:
+        return "cpu", "no GPU: the colab profile needs a CUDA card with bf16; running the cpu profile instead"
+    if not bf16:
+        return "cpu", (
+            f"{card} has no bf16: the colab profile would need about {COLAB_FP32_GIB} GiB in fp32 (estimated, not "
+            f"measured) and cannot train here; running the cpu profile's model on this card instead (use "
+            f"{COLAB_CARDS} for the colab profile)"
+        )
+    return "colab", ""
+
+
+def _card() -> tuple[str | None, bool]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, False
+    return torch.cuda.get_device_name(), torch.cuda.is_bf16_supported()
 
 
 def _default_device() -> str:
@@ -212,6 +245,13 @@ def resolve_profile(
         raise ValueError(f"label_ratio must be in (0, 1], got {label_ratio}")
     if max_iterations < 0:
         raise ValueError(f"max_iterations must be >= 0 (0 means the profile default), got {max_iterations}")
+    fallback = ""
+    if profile == "colab":
+        card, bf16 = _card()
+        profile, fallback = colab_support(card, bf16)
+        if fallback:
+            print(f"note: {fallback}")
+            preset, device = "" if preset in ("", "paper") else preset, device or ("cuda" if card else "cpu")
     smoke = profile == "smoke"
     preset = preset or default_preset(profile)
     cell = Cell(preset, resolve_ablation(preset, ablation), label_ratio, seed)
@@ -225,7 +265,7 @@ def resolve_profile(
         profile=profile, data_dir=Path(data_dir or ("../_build/phantom" if smoke else "../data/LA")),
         preset=preset, ablation=cell.ablation, label_ratio=label_ratio, max_iterations=max_iterations, seed=seed,
         device=device or ("cpu" if profile == "cpu" else _default_device()),
-        run_dir=Path(run_dir or f"{base}/{profile}/{cell.name}"),
+        run_dir=Path(run_dir or f"{base}/{profile}/{cell.name}"), fallback=fallback,
     )
 
 

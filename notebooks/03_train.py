@@ -45,7 +45,10 @@
 # a training step fits a 16 GB card (estimated peak about 12.6 GiB; the book's Performance appendix). It is a
 # different experiment from the paper's: fewer volumes per step, a single negative volume per anchor in
 # $\mathcal{L}_{segc}$ and a voxel-level $\mathcal{L}_{qdc}$ may cost Dice. We have not measured how much;
-# the run's label says `colab profile`. Prefer an L4 or A100 runtime: the T4 has no native bf16.
+# the run's label says `colab profile`. It is meant for an **L4 or A100** runtime (bf16). A **T4** has no
+# bf16, and in fp32 the colab step would need about 28 GiB (estimated): on a T4 (or without a GPU) the
+# notebook says so and runs the `cpu` profile instead — the CPU track's small model at ½ resolution, on
+# the card. None of this has been measured on a GPU yet.
 # The full schedule takes many hours on such a card: training resumes from `last.pt` after a
 # disconnection (`resume = True`).
 

@@ -33,7 +33,10 @@ def test_paper_profile_defaults_use_the_preset_schedule():
     assert resolve_profile("paper", preset="vnet", device="cpu").max_iterations == 6000
 
 
-def test_colab_profile_is_the_paper_profile_with_the_colab_changes():
+def test_colab_profile_is_the_paper_profile_with_the_colab_changes(monkeypatch):
+    import dkuxnet.reproduce
+
+    monkeypatch.setattr(dkuxnet.reproduce, "_card", lambda: ("NVIDIA L4", True))  # a card it is meant for
     s = resolve_profile("colab", label_ratio=0.2, seed=7, device="cuda")
     assert not s.smoke and s.colab and s.preset == "paper" and s.data_dir == Path("../data/LA")
     assert s.max_iterations == 15000 and s.run_dir == Path("../runs/colab/paper-all-r0.2-s7")
@@ -246,3 +249,19 @@ def test_fresh_run_dir_only_clears_smoke_checkpoints(tmp_path):
     fresh_run_dir(tmp_path, smoke=True)
     assert not (tmp_path / "last.pt").exists() and (tmp_path / "metrics.jsonl").exists()
     assert fresh_run_dir(tmp_path / "new", smoke=True).is_dir()
+
+
+def test_colab_falls_back_where_it_cannot_train(monkeypatch):
+    from dkuxnet import reproduce
+
+    assert reproduce.colab_support("NVIDIA L4", bf16=True) == ("colab", "")
+    profile, why = reproduce.colab_support("Tesla T4", bf16=False)
+    assert profile == "cpu" and "Tesla T4 has no bf16" in why and "28 GiB" in why and "not measured" in why
+    assert reproduce.colab_support(None, bf16=False)[0] == "cpu"
+    monkeypatch.setattr(reproduce, "_card", lambda: ("Tesla T4", False))
+    s = reproduce.resolve_profile("colab", data_dir="/data/LA")
+    assert (s.profile, s.preset, s.device) == ("cpu", "cpu", "cuda") and "Tesla T4" in s.note
+    assert s.config().data.resample == 2
+    monkeypatch.setattr(reproduce, "_card", lambda: ("NVIDIA A100-SXM4-40GB", True))
+    s = reproduce.resolve_profile("colab", data_dir="/data/LA")
+    assert s.profile == "colab" and s.colab and s.fallback == ""
