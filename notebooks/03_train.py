@@ -34,6 +34,9 @@
 # | Mixed precision, AdamW | Helpful | the paper preset trains in bf16 autocast on a GPU |
 #
 # - **Time to learn**: 15 minutes (a paper-profile run takes hours on one GPU)
+# - **Hardware and time to run**: 2 CPU cores: about 30 s in the `smoke` profile (measured in the book's build); one
+#   run of the `cpu` profile on the real data took 17–52 min of wall time (the committed runs in `results/cpu/`, on
+#   2 shared cores). The `paper` and `colab` profiles need a GPU, where their time is not yet measured.
 #
 # ## On Colab
 #

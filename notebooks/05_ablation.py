@@ -34,6 +34,9 @@
 #
 # - **Time to learn**: 10 minutes. In the `paper` profile this notebook trains four full runs (hours
 #   each on one GPU); a finished row is only re-evaluated when the notebook runs again.
+# - **Hardware and time to run**: 2 CPU cores: about 2–3 min in the `smoke` profile (four 40-iteration runs,
+#   measured in the book's build); the `paper` profile trains four full runs and needs a GPU, where its time is not yet
+#   measured.
 
 # %% tags=["remove-input"]
 import sys
