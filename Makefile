@@ -9,7 +9,7 @@
 #   make mutants     mutation testing of the core modules on a seeded sample (not part of CI), see below
 #
 # Variables: PY (interpreter used to create the venv), VENV, PROFILE (papermill profile, default smoke),
-# NB_TIMEOUT (seconds one notebook run may take before it is killed and retried once, default 540).
+# NB_TIMEOUT (seconds one notebook run may take before it is killed and the build fails, default 540).
 
 SHELL       := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -24,10 +24,9 @@ PROFILE ?= smoke
 # Wall-clock limit of one notebook run, a safety net: papermill/nbclient can wait forever for a kernel
 # message that never comes. That hang came from ipywidgets Output + clear_output(wait=True) cells
 # (jupyter/nbclient#312, nteract/papermill#723), which the notebooks no longer use: their sliders and
-# dropdowns are plotly controls (tests/test_notebooks.py reruns them under a 120 s limit). A run that
-# still hangs is killed and the notebook executed once more (one that fails with an error is not retried).
-# The slowest smoke notebook (05_ablation) takes about 3 min on CI; 540 s stays below papermill's 600 s cell
-# timeout, so a hung cell is killed and retried rather than reported as a cell error.
+# dropdowns are plotly controls (tests/test_notebooks.py reruns them 3 times under a 120 s limit). A run
+# that still hangs is killed and the build fails, naming the notebook; nothing is retried. The slowest smoke
+# notebook (05_ablation) takes about 2-3 min on 2 cores; 540 s stays below papermill's 600 s cell timeout.
 NB_TIMEOUT ?= 540
 NBS     := $(sort $(wildcard notebooks/*.py))
 
@@ -93,17 +92,13 @@ execute: setup vendor
 	cp -r $(VENDOR) $(STAGE)/_vendor && rm -f $(STAGE)/_vendor/.stamp
 	@if [ -z "$(NBS)" ]; then echo "execute: no notebooks/*.py found" >&2; exit 1; fi
 	@for py in $(NBS); do \
-	  nb=$(STAGE)/$${py%.py}.ipynb; t0=$$SECONDS; ok=; \
-	  for attempt in 1 2; do \
-	    echo "execute: $$py (profile $(PROFILE), attempt $$attempt)"; \
-	    $(BIN)/jupytext --quiet --to ipynb -o $$nb $$py || exit 1; \
-	    rc=0; PYTHONSTARTUP=$(CURDIR)/dkuxnet/plotting_setup.py timeout $(NB_TIMEOUT) $(BIN)/papermill --no-progress-bar --log-level WARNING --execution-timeout 600 \
-	      --cwd $(STAGE)/notebooks -k python3 $$nb $$nb -p profile $(PROFILE) || rc=$$?; \
-	    if [ $$rc -eq 0 ]; then ok=1; break; fi; \
-	    [ $$rc -eq 124 ] || break; \
-	    echo "execute: $$py hung past $(NB_TIMEOUT) s (attempt $$attempt)" >&2; \
-	  done; \
-	  [ -n "$$ok" ] || { echo "execute: $$py FAILED" >&2; exit 1; }; \
+	  nb=$(STAGE)/$${py%.py}.ipynb; t0=$$SECONDS; \
+	  echo "execute: $$py (profile $(PROFILE))"; \
+	  $(BIN)/jupytext --quiet --to ipynb -o $$nb $$py || exit 1; \
+	  rc=0; PYTHONSTARTUP=$(CURDIR)/dkuxnet/plotting_setup.py timeout $(NB_TIMEOUT) $(BIN)/papermill --no-progress-bar --log-level WARNING --execution-timeout 600 \
+	    --cwd $(STAGE)/notebooks -k python3 $$nb $$nb -p profile $(PROFILE) || rc=$$?; \
+	  [ $$rc -ne 124 ] || { echo "execute: $$py hung past $(NB_TIMEOUT) s" >&2; exit 1; }; \
+	  [ $$rc -eq 0 ] || { echo "execute: $$py FAILED" >&2; exit 1; }; \
 	  echo "execute: $$py done in $$((SECONDS - t0)) s"; \
 	done
 	$(BIN)/python tools/hide_injected_parameters.py $(STAGE)/notebooks/*.ipynb
