@@ -510,3 +510,122 @@ def test_long_code_lines_wrap() -> None:
 @built
 def test_pages_load_the_wrapping_stylesheet() -> None:
     assert re.search(r'href="[./]*_static/wrap\.css', _page("notebooks/07_results.html"))
+
+
+def _paper_values() -> tuple[set[float], set[float]]:
+    """(the paper's Dice values, every number of its records), from ``dkuxnet/paper_results.json``.
+
+    A table or chart is taken to hold the paper's numbers when it holds one of its Dice values (all between 50 and
+    100, with decimals: unlikely by chance, unlike its small distances)."""
+    records = json.loads((ROOT / "dkuxnet" / "paper_results.json").read_text(encoding="utf-8"))["records"]
+    metrics = {round(float(r["dice"]), 2) for r in records}
+    every = {round(float(v), 2) for r in records for v in r.values() if isinstance(v, (int, float))}
+    return metrics, every
+
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d+\.\d+(?![\w.])")  # decimals only: counts and years are not results
+
+
+class _Tables(HTMLParser):
+    """The text of each cell of each ``<table>`` of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[str]] = []
+        self._depth, self._cell = 0, None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self._depth += 1
+            self.tables.append([])
+        elif tag in ("td", "th") and self._depth:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._depth -= 1
+        elif tag in ("td", "th") and self._cell is not None:
+            self.tables[-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _plotly_numbers(html: str) -> list[list[float]]:
+    """The numbers of the traces of each plotly figure that speaks of Dice (plain lists and plotly's base64
+    typed arrays)."""
+    import base64
+
+    decoder, figures = json.JSONDecoder(), []
+    for match in re.finditer(r"Plotly\.newPlot\(\s*\"[^\"]+\",\s*", html):
+        traces, end = decoder.raw_decode(html, match.end())
+        layout, _ = decoder.raw_decode(html, html.index("{", end))
+        if "Dice" not in json.dumps([traces, layout]):
+            continue
+        numbers: list[float] = []
+
+        def walk(x: Any) -> None:
+            if isinstance(x, dict) and "bdata" in x and "dtype" in x:
+                numbers.extend(np.frombuffer(base64.b64decode(x["bdata"]), dtype=np.dtype(x["dtype"])).ravel().tolist())
+            elif isinstance(x, dict):
+                for v in x.values():
+                    walk(v)
+            elif isinstance(x, list):
+                for v in x:
+                    walk(v)
+            elif isinstance(x, (int, float)) and not isinstance(x, bool):
+                numbers.append(float(x))
+            elif isinstance(x, str):
+                numbers.extend(float(n) for n in _NUMBER.findall(x))
+
+        walk(traces)
+        figures.append(numbers)
+    return figures
+
+
+def _mixes(numbers: list[float], metrics: set[float], every: set[float]) -> list[float]:
+    """The numbers that are not the paper's, if ``numbers`` also hold one of the paper's metric values."""
+    decimals = [round(n, 2) for n in numbers if n != int(n)]
+    if not any(n in metrics for n in decimals):
+        return []
+    return sorted({n for n in decimals if n not in every})
+
+
+@built
+def test_no_table_or_chart_holds_both_paper_and_our_numbers() -> None:
+    """A result table or chart (one that speaks of Dice) holding one of the paper's metric values holds nothing but
+    the paper's numbers."""
+    metrics, every = _paper_values()
+    hits, paper_tables = [], 0
+    for path in _built_pages():
+        html = path.read_text(encoding="utf-8")
+        parser = _Tables()
+        parser.feed(html)
+        for i, cells in enumerate(parser.tables):
+            if not any("Dice" in cell for cell in cells):
+                continue
+            numbers = [float(n) for cell in cells for n in _NUMBER.findall(cell)]
+            paper_tables += any(round(n, 2) in metrics for n in numbers)
+            if other := _mixes(numbers, metrics, every):
+                hits.append(f"{path.relative_to(HTML)} table {i}: the paper's numbers beside {other[:5]}")
+        for i, numbers in enumerate(_plotly_numbers(html)):
+            if other := _mixes(numbers, metrics, every):
+                hits.append(f"{path.relative_to(HTML)} figure {i}: the paper's numbers beside {other[:5]}")
+    assert paper_tables >= 2, "the paper's tables (main, ablation) are not on any built page"
+    assert not hits, "\n".join(hits)
+
+
+def test_mixed_table_detector() -> None:
+    """The detector above flags a table of paper and our numbers, and passes one of each alone."""
+    metrics, every = _paper_values()
+    assert _mixes([90.41, 82.69, 7.32], metrics, every) == []
+    assert _mixes([69.12, 13.6], metrics, every) == []
+    assert _mixes([90.41, 69.12], metrics, every) == [69.12]
+    parser = _Tables()
+    parser.feed("<table><tr><th>Dice</th></tr><tr><td>90.41</td></tr><tr><td>69.12 ± 13.6</td></tr></table>")
+    assert parser.tables == [["Dice", "90.41", "69.12 ± 13.6"]]
+    html = 'Plotly.newPlot( "x", [{"y": [90.41, 82.12], "text": ["90.41"]}], {"yaxis": {"title": "Dice (%)"}})'
+    assert _plotly_numbers(html) == [[90.41, 82.12, 90.41]]
+    assert _plotly_numbers(html.replace("Dice", "loss")) == []
