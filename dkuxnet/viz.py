@@ -13,6 +13,7 @@ Arrays are volumes indexed ``(X, Y, Z)`` as in the LA h5 files; meshes are in vo
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -355,6 +356,20 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def wrap_title(title: str, width: int = 90) -> tuple[str, int]:
+    """``title`` with each ``<br>``-separated line (and the text inside a ``<sub>…</sub>`` line) wrapped at
+    ``width`` characters, and the top margin in pixels that shows all its lines: a long title is never clipped."""
+    if width < 10:
+        raise ValueError(f"width: expected >= 10 characters, got {width}")
+    lines = []
+    for line in title.split("<br>"):
+        sub = line.startswith("<sub>") and line.endswith("</sub>")
+        text = line[5:-6] if sub else line
+        parts = textwrap.wrap(text, width) or [""]
+        lines += [f"<sub>{t}</sub>" for t in parts] if sub else parts
+    return "<br>".join(lines), 40 + 22 * len(lines)
+
+
 def loss_curves(path: Path, keys: Sequence[str] = LOSS_KEYS, x: str = "iteration", title: str = "") -> Any:
     """Plotly line chart of the loss components logged in ``metrics.jsonl`` (``ramp`` on a 2nd axis)."""
     import plotly.graph_objects as go
@@ -372,8 +387,9 @@ def loss_curves(path: Path, keys: Sequence[str] = LOSS_KEYS, x: str = "iteration
                 x=xs, y=ys, mode="lines", name="total" if key == "loss" else key, line=styles.get(key, {"width": 1.5}),
                 yaxis="y2" if key == "ramp" else "y",
             ))
+    text, top = wrap_title(title or "training losses")
     fig.update_layout(
-        title=title or "training losses", xaxis_title=x, yaxis_title="loss", height=420,
+        title=text, margin={"t": top}, xaxis_title=x, yaxis_title="loss", height=400 + top,
         yaxis2={"title": {"text": "ramp weight"}, "overlaying": "y", "side": "right", "range": [0, 1.05],
                 "tickvals": [0, 0.25, 0.5, 0.75, 1], "showgrid": False},
         legend={"orientation": "h", "y": -0.2},
@@ -409,14 +425,16 @@ def params_bar(infos: Sequence[Mapping[str, Any]]) -> Any:
 
 
 def grouped_bars(rows: Sequence[str], series: Mapping[str, Sequence[float]], title: str, yaxis: str = "Dice %") -> Any:
-    """Grouped bar chart: one group per row label, one bar per series (e.g. "ours" vs "paper")."""
+    """Grouped bar chart: one group per row label, one bar per series (e.g. two seeds of one kind of run; the
+    book never puts the paper's numbers and ours in one chart). A long ``title`` wraps (:func:`wrap_title`)."""
     import plotly.graph_objects as go
 
     for name, values in series.items():
         if len(values) != len(rows):
             raise ValueError(f"series {name!r} has {len(values)} values for {len(rows)} rows")
     fig = go.Figure([go.Bar(name=name, x=list(rows), y=list(values)) for name, values in series.items()])
-    fig.update_layout(barmode="group", title=title, yaxis_title=yaxis, height=420)
+    text, top = wrap_title(title)
+    fig.update_layout(barmode="group", title=text, margin={"t": top}, yaxis_title=yaxis, height=380 + top)
     return fig
 
 

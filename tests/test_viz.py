@@ -224,7 +224,7 @@ def test_params_bar_stacks_groups():
 
 
 def test_grouped_bars_checks_lengths():
-    fig = viz.grouped_bars(["seg", "all"], {"ours": [1.0, 2.0], "paper": [3.0, 4.0]}, title="t")
+    fig = viz.grouped_bars(["seg", "all"], {"seed 1": [1.0, 2.0], "seed 2": [3.0, 4.0]}, title="t")
     assert len(fig.data) == 2 and fig.layout.barmode == "group"
     with pytest.raises(ValueError, match="ours"):
         viz.grouped_bars(["seg"], {"ours": [1.0, 2.0]}, title="t")
@@ -448,3 +448,17 @@ def test_architecture_rows_check_arguments():
         viz.architecture_rows(model, (1, 2, 32, 32, 32))
     with pytest.raises(ValueError, match="divisible by 16"):
         viz.architecture_rows(model, (1, 1, 40, 32, 32))
+
+
+def test_wrap_title_keeps_every_word_and_sizes_the_margin():
+    note = "synthetic phantom, tiny preset (32³ patches, batch 1 + 1, lr 0.01), cpu, shortened schedule — not comparable"
+    text, top = viz.wrap_title(f"Dice by loss variant<br><sub>{note}</sub>", width=40)
+    lines = text.split("<br>")
+    assert lines[0] == "Dice by loss variant" and len(lines) == 4
+    assert all(line.startswith("<sub>") and line.endswith("</sub>") and len(line) <= 40 + 11 for line in lines[1:])
+    assert " ".join(line[5:-6] for line in lines[1:]) == note
+    assert top == 40 + 22 * 4 and viz.wrap_title("short")[1] == 62
+    fig = viz.grouped_bars(["seg"], {"this build": [1.0]}, title=f"t<br><sub>{note}</sub>")
+    assert fig.layout.margin.t >= 40 + 22 * 2 and "<br><sub>" in fig.layout.title.text
+    with pytest.raises(ValueError, match="width"):
+        viz.wrap_title("t", width=3)
