@@ -13,14 +13,15 @@ import torch
 from torch import nn
 
 from dkuxnet.config import Config, ModelConfig, get_preset
+from dkuxnet.models.authors_uxnet import authors_uxnet_dead_parts, is_uxnet
 from dkuxnet.models.dkuxnet import DKUXNet, ModelOutput, authors_dead_parts, named_parts, parts
 from dkuxnet.models.dual import TwoNetworks
 from dkuxnet.models.kmax import hard_assignment, kmeans_update
 from dkuxnet.models.vnet import VNet
 
 __all__ = [
-    "DKUXNet", "ModelOutput", "TwoNetworks", "VNet", "authors_dead_parts", "create_model", "hard_assignment",
-    "kmeans_update", "model_info", "named_parts",
+    "DKUXNet", "ModelOutput", "TwoNetworks", "VNet", "authors_dead_parts", "authors_uxnet_dead_parts", "create_model",
+    "hard_assignment", "kmeans_update", "model_info", "named_parts",
 ]
 
 
@@ -45,7 +46,9 @@ def model_info(preset: str) -> dict[str, Any]:
         ``preset``, ``arch``, ``parameters`` (total), ``parts`` ({component: count}, summing to the total);
         for DKUXNet also ``kmax_layers``, ``assignment_heads`` (parameters of the per-layer heads),
         ``assignment_heads_trained`` (whether the preset's loss supervises them: ``loss.lambda_ds > 0``)
-        and ``authors_dkunet`` (the authors' class: its total and the dead parts we do not build).
+        and ``authors_dkunet`` (the authors' ``DKUNET`` class: its total and the dead parts we do not build);
+        for a model with ``UXNET``'s architecture (``official``: conv head, 3 kMaX scales × 2 layers, the
+        class the authors' ``main_train.py`` trains) also ``authors_uxnet``, the same for ``UXNET``.
     """
     cfg = get_preset(preset)
     with torch.device("meta"):
@@ -59,6 +62,9 @@ def model_info(preset: str) -> dict[str, Any]:
         info["assignment_heads"] = sum(p.numel() for layer in model.kmax for p in layer.head.parameters())
         info["assignment_heads_trained"] = cfg.loss.lambda_ds > 0
         info["authors_dkunet"] = {"parameters": total + sum(dead.values()), "dead_parts_not_built": dead}
+        if is_uxnet(cfg.model):
+            dead_ux = authors_uxnet_dead_parts(cfg.model)
+            info["authors_uxnet"] = {"parameters": total + sum(dead_ux.values()), "dead_parts_not_built": dead_ux}
     else:
         info["parts"] = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
     return info
