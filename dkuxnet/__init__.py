@@ -4,7 +4,7 @@ Semi-supervised left-atrium segmentation with a 3D UX-Net encoder, a convolution
 kMaX (k-means cross-attention) decoders, trained with query-distribution and segmentation
 consistency. Modules: ``config`` (one config tree), ``data`` (LA reader, downloader, phantom,
 cache, augmentation), ``models``, ``losses``, ``train``, ``inference``, ``metrics``, ``evaluate``,
-``results``, ``bench``, ``viz``.
+``results``, ``viz``; the performance instruments in ``perf``.
 """
 
 from dkuxnet.config import Config, get_preset

@@ -102,8 +102,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    from dkuxnet.bench import CUDNN_BENCHMARK_LIMIT, default_out, run_bench
-    from dkuxnet.perfreport import format_summary
+    from dkuxnet.perf.bench import CUDNN_BENCHMARK_LIMIT, default_out, run_bench
+    from dkuxnet.perf.report import format_summary
 
     out = Path(a.out) if a.out else default_out(a.device)
     limit = CUDNN_BENCHMARK_LIMIT if a.cudnn_benchmark_limit is None else a.cudnn_benchmark_limit
@@ -129,7 +129,7 @@ def _cmd_publish(a: argparse.Namespace) -> int:
 
 
 def _cmd_perf_report(a: argparse.Namespace) -> int:
-    from dkuxnet.perfreport import perf_report
+    from dkuxnet.perf.report import perf_report
     from dkuxnet.errors import UserError
     from dkuxnet.fileio import write_text_atomic
 
@@ -160,11 +160,11 @@ def _cmd_reproduce(a: argparse.Namespace) -> int:
 
 
 def _cmd_check_gpu(a: argparse.Namespace) -> int:
-    from dkuxnet.gpucheck import run_check_gpu
+    from dkuxnet.perf.gpucheck import run_check_gpu
 
     report = run_check_gpu(
         Path(a.out), work_dir=Path(a.work_dir) if a.work_dir else None,
-        data_dir=Path(a.data_dir) if a.data_dir else None, device=a.device, preset=a.preset,
+        data_dir=Path(a.data_dir) if a.data_dir else None, device=a.device, preset=a.preset, profile=a.profile,
         iterations=a.iterations, label_ratio=a.label_ratio, bench_steps=a.bench_steps, loop_cases=a.loop_cases,
         rehearsal=a.rehearsal, progress=not a.quiet,
     )
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the default rows (paper on CUDA, tiny on the CPU): one row per preset, "
                         "its training step and protocol inference")
     b.add_argument("--variants", nargs="+", default=None, metavar="NAME",
-                   help="opt-in rows (dkuxnet.bench.VARIANTS): channels-last, depthwise-channels-last, batch-1+1, "
+                   help="opt-in rows (dkuxnet.perf.bench.VARIANTS): channels-last, depthwise-channels-last, batch-1+1, "
                         "compile, fp32, official")
     b.add_argument("--cpu-track", action="store_true",
                    help="the cpu preset at its own patch: fast vs native depthwise conv, layout, V-Net, inference")
@@ -291,10 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser(
         "check-gpu", help="check this machine's GPU: versions, correctness, speed, a short run (a few minutes)",
         description="Check that DKUXNet runs correctly and how fast on this machine's GPU (a Colab runtime, a "
-        "workstation, a cluster node): environment; the tiny preset on the GPU with its fp32 and bf16 outputs "
-        "against CPU float64; host syncs in the training step; the benchmark; with --data-dir a short training "
-        "run, the protocol evaluation and the batched-vs-loop prediction check. Writes one JSON report and "
-        "prints a table; exit status 1 when a stage failed. Takes a few minutes on a GPU.",
+        "workstation, a cluster node): environment; the tiny preset's train-mode step in fp32 against CPU float64 "
+        "(replayed kMaX assignments); activation checkpointing with the replay; bf16 autocast; the optimiser; "
+        "host syncs in the training step; what the card trains (the preset or profile, else the smaller "
+        "profiles) and how fast; with --data-dir a short training run, the protocol evaluation with recomputed "
+        "BatchNorm statistics and the batched-vs-loop prediction check. Writes one JSON report and prints a "
+        "table and a verdict; exit status 1 when a stage failed. Takes a few minutes on a GPU.",
     )
     g.add_argument("--data-dir", default=None, metavar="DIR",
                    help="LA folder: adds the training, evaluation and loop-check stages")
@@ -303,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda, cuda:1 … (default: cuda; cpu only with --rehearsal)")
     g.add_argument("--preset", choices=PRESETS, default=None,
                    help="preset to benchmark and train (default: paper; tiny with --rehearsal)")
+    g.add_argument("--profile", choices=PROFILES, default=None,
+                   help="instead of --preset: a run profile's training step (colab: paper at batch 1+1 per view); "
+                   "when it does not fit, the smaller profiles are tried")
     g.add_argument("--iterations", type=int, default=None, metavar="N",
                    help="training iterations (default: 100; 2 with --rehearsal)")
     g.add_argument("--label-ratio", type=float, default=0.1, metavar="R",

@@ -1,4 +1,4 @@
-"""The training step and the run state it mutates (used by :mod:`dkuxnet.train` and :mod:`dkuxnet.bench`).
+"""The training step and the run state it mutates (used by :mod:`dkuxnet.train` and :mod:`dkuxnet.perf.bench`).
 
 A :class:`Run` holds everything one optimisation step touches: the model, the optimiser, the data
 resident on the device (a :class:`~dkuxnet.data.VolumeBank`), the two-stream sampler and the random

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dkuxnet.bench import (
-    LA_PATCH, LA_TEST_SHAPE, VARIANTS, default_out, default_rows, peak_tflops, run_bench, scaled_shape, timed_calls,
-    variant_rows,
-)
 from dkuxnet.cli import main
-from dkuxnet.perfreport import format_summary, perf_report
+from dkuxnet.perf.bench import (
+    LA_PATCH, LA_TEST_SHAPE, VARIANTS, default_out, default_rows, peak_tflops, run_bench, scaled_shape, variant_rows,
+)
+from dkuxnet.perf.core import timed_calls
+from dkuxnet.perf.report import format_summary, perf_report
 from dkuxnet.reproduce import COLAB_CHANGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,7 @@ def test_run_bench_records_a_failing_row_and_runs_the_others(tmp_path):
     bad = {"broken": ("tiny", {"model.num_queries": 5})}  # query groups no longer sum to N: ValueError
     result = run_bench(presets=["tiny"], device="cpu", steps=1, warmup=1, overrides=small, variants=bad)
     assert result["presets"]["broken"]["error"].startswith("ValueError: query_groups")
+    assert result["presets"]["broken"]["out_of_memory"] is False
     assert result["presets"]["tiny"]["ms_per_step"] > 0
 
 
@@ -183,7 +184,7 @@ def test_format_summary_lists_failed_rows():
 
 
 def test_cpu_track_rows_run_at_the_cpu_presets_own_patch():
-    from dkuxnet.bench import bench_config, cpu_track_rows
+    from dkuxnet.perf.bench import bench_config, cpu_track_rows
 
     rows = {r.label: r for r in cpu_track_rows()}
     cpu = torch.device("cpu")

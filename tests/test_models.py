@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetResBlock, UnetrUpBlock
 
-from dkuxnet.bench import saved_tensor_bytes
+from dkuxnet.perf.memprobe import saved_tensor_bytes
 from dkuxnet.config import ModelConfig, get_preset
 from dkuxnet.models import DKUXNet, ModelOutput, TwoNetworks, VNet, create_model, hard_assignment, kmeans_update, model_info
 from dkuxnet.models.dkuxnet import authors_dead_parts, named_parts, parts

@@ -34,7 +34,6 @@ instead of up to 10 candidates, torch's default, which cost 33 s in the first ``
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gc
 import re
 import statistics
@@ -51,13 +50,13 @@ from dkuxnet.config import Config, get_preset
 from dkuxnet.data import VolumeBank, make_split, read_case
 from dkuxnet.data.resample import downsample_image
 from dkuxnet.engine import (
-    build_run, configure_backends, device_name, effective_unlabeled_bs, git_commit, resolve_device, train_step,
-    write_json,
+    build_run, configure_backends, device_name, effective_unlabeled_bs, resolve_device, train_step, write_json,
 )
 from dkuxnet.inference import predict_protocol, protocol_windows
 from dkuxnet.losses import semi_supervised_loss
 from dkuxnet.models import create_model
-from dkuxnet.perfreport import summary_line
+from dkuxnet.perf.core import environment, is_out_of_memory, peak_gib, reset_peak, synchronize, timed_calls
+from dkuxnet.perf.report import summary_line
 from dkuxnet.reproduce import COLAB_CHANGES
 
 LA_TEST_SHAPE = (175, 132, 88)  # an example LA test case; 45 windows of the UA-MT grid at 112×112×80
@@ -183,64 +182,6 @@ def synthetic_bank(shape: tuple[int, int, int], n: int, device: torch.device, se
     return VolumeBank(images=images, labels=labels, ids=[f"synthetic{i}" for i in range(n)]).to(device)
 
 
-def saved_tensor_bytes_by_part(
-    fn: Callable[[], Any], parts: Mapping[str, torch.nn.Module], exclude: Iterable[torch.Tensor] = (),
-    outside: str = "other",
-) -> dict[str, int]:
-    """Bytes of the distinct storages autograd keeps for backward while ``fn()`` runs, by part.
-
-    Each storage is attributed to the innermost module of ``parts`` (name → module) whose forward was
-    running when autograd saved it, else to ``outside``. Storages of ``exclude`` (the parameters) are not
-    counted; nor is what a non-reentrant checkpoint inside ``fn`` recomputes in backward (its own hooks
-    take precedence). The activation memory a training step holds between forward and backward, on any
-    device (the book's performance page, "Activation memory: a CPU estimate").
-    """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, tuple[str, int]] = {}
-    stack = [outside]
-    handles = []
-    for name, module in parts.items():
-        handles.append(module.register_forward_pre_hook(lambda m, args, n=name: stack.append(n)))
-        handles.append(module.register_forward_hook(lambda m, args, out: stack.pop() and None))
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip and storage.data_ptr() not in seen:
-            seen[storage.data_ptr()] = (stack[-1], storage.nbytes())
-        return t
-
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-    finally:
-        for handle in handles:
-            handle.remove()
-    out: dict[str, int] = {}
-    for name, nbytes in seen.values():
-        out[name] = out.get(name, 0) + nbytes
-    return out
-
-
-def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Total of :func:`saved_tensor_bytes_by_part`: the bytes autograd keeps for backward from ``fn()``."""
-    return sum(saved_tensor_bytes_by_part(fn, {}, exclude).values())
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA); timing code only, never the training step."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def _amp(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast as in training (CUDA and ``train.precision == "bf16"``); the CPU runs fp32."""
     if device.type == "cuda" and cfg.train.precision == "bf16":
@@ -250,23 +191,6 @@ def _amp(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager
 
 def _precision(cfg: Config, device: torch.device) -> str:
     return "bf16 autocast" if device.type == "cuda" and cfg.train.precision == "bf16" else "fp32"
-
-
-def timed_calls(fn: Callable[[], Any], device: torch.device, steps: int, seconds: float) -> list[float]:
-    """Milliseconds of up to ``steps`` calls of ``fn``, each between two device synchronisations.
-
-    Stops before a call that would end more than ``seconds`` after the first began (estimated from the
-    previous call); at least one call is always timed.
-    """
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < steps and not (times and time.perf_counter() - start + times[-1] / 1000 > seconds):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(1000 * (time.perf_counter() - t0))
-    return times
 
 
 @dataclass(frozen=True)
@@ -282,7 +206,7 @@ def measure(
     step: Callable[[], Any], device: torch.device, budget: Budget, count_flops: bool, profile: bool = False,
 ) -> dict[str, Any]:
     """Warm up, then time ``step`` within ``budget``; optionally one more step under ``torch.profiler``."""
-    _reset_peak(device)
+    reset_peak(device)
     t0 = time.perf_counter()
     counter = FlopCounterMode(display=False) if count_flops else None
     with counter or contextlib.nullcontext():
@@ -292,12 +216,12 @@ def measure(
     for _ in range(budget.warmup - 1):
         step()
     synchronize(device)
-    peak_warmup = _peak_gib(device)
-    _reset_peak(device)
+    peak_warmup = peak_gib(device)
+    reset_peak(device)
     times = timed_calls(step, device, budget.steps, budget.row_seconds)
     out: dict[str, Any] = {
         "ms_per_step": statistics.median(times), "ms_steps": times, "steps_timed": len(times),
-        "first_step_s": first_s, "peak_gib": _peak_gib(device), "peak_gib_with_warmup": peak_warmup,
+        "first_step_s": first_s, "peak_gib": peak_gib(device), "peak_gib_with_warmup": peak_warmup,
         "tflop_per_step": counter.get_total_flops() / 1e12 if counter else None,
     }
     if profile:
@@ -430,7 +354,7 @@ def _infer_row(cfg: Config, device: torch.device, budget: Budget, data_dir: Path
     model = create_model(cfg).to(device)
     result = _inference(model, _test_volume(cfg, device, data_dir), cfg, device, budget)
     return result | {"first_step_s": result["infer_warmup_s"], "steps_timed": len(result["infer_s_all"]),
-                     "peak_gib": _peak_gib(device)}
+                     "peak_gib": peak_gib(device)}
 
 
 def bench_row(row: Row, device: torch.device, budget: Budget, data_dir: Path | None = None,
@@ -441,7 +365,7 @@ def bench_row(row: Row, device: torch.device, budget: Budget, data_dir: Path | N
     t0 = time.perf_counter()
     cfg = bench_config(row.preset, device, {**(overrides or {}), **row.changes})
     configure_backends(cfg.train, device)
-    _reset_peak(device)
+    reset_peak(device)
     if row.kind == "step":
         result = _step_row(row, cfg, device, budget, data_dir, profile)
     elif row.kind == "fwdbwd":
@@ -454,7 +378,7 @@ def bench_row(row: Row, device: torch.device, budget: Budget, data_dir: Path | N
 
 
 def _error(exc: BaseException) -> str:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    if is_out_of_memory(exc):
         return f"out of memory: {str(exc).splitlines()[0]}"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
@@ -520,8 +444,9 @@ def run_bench(
     Returns:
         ``device``, ``torch``, ``cuda``, ``cudnn``, ``commit``, ``date``, ``steps``, ``warmup``,
         ``row_seconds``, ``cudnn_benchmark_limit``, ``data``, ``wall_s``, ``presets`` = {row label: its
-        numbers (:func:`bench_row`), or ``{"error": …}`` when it failed (out of memory, a config the code does
-        not know, any error: the other rows still run)} and, when profiled, ``profile``.
+        numbers (:func:`bench_row`), or ``{"error": …, "out_of_memory": bool}`` when it failed (out of
+        memory, a config the code does not know, any error: the other rows still run)} and, when profiled,
+        ``profile``.
     """
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
@@ -549,7 +474,7 @@ def run_bench(
                                                profile=row.label == profiled)
             except Exception as exc:  # one failing row must not lose the others' numbers
                 results[row.label] = {"kind": row.kind, "preset": row.preset, "changes": dict(row.changes),
-                                      "error": _error(exc)}
+                                      "error": _error(exc), "out_of_memory": is_out_of_memory(exc)}
             if cuda:  # the next row starts with the device memory free (a failed row's frames may form cycles)
                 if "error" in results[row.label]:
                     gc.collect()
@@ -561,13 +486,7 @@ def run_bench(
         if cudnn:
             torch.backends.cudnn.benchmark_limit = previous_limit
     result = {
-        "device": device_name(dev),
-        "device_type": dev.type,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cudnn else None,
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(dev),
         "steps": budget.steps,
         "warmup": budget.warmup,
         "row_seconds": budget.row_seconds,

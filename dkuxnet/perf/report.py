@@ -1,8 +1,8 @@
 """Text and markdown views of benchmark results: the terminal summary of ``dkuxnet bench`` and the book's tables.
 
-:func:`format_summary` prints a :func:`dkuxnet.bench.run_bench` result as a plain-text table;
+:func:`format_summary` prints a :func:`dkuxnet.perf.bench.run_bench` result as a plain-text table;
 :func:`perf_report` renders the committed files of ``results/perf`` (``bench_*.json`` and the CPU memory
-estimate ``memprobe*.json`` of ``tools/memprobe.py``) as markdown for the performance page.
+estimate ``memprobe*.json`` of :mod:`dkuxnet.perf.memprobe`) as markdown for the performance page.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _columns(lines: list[list[str]]) -> list[str]:
 
 
 def format_summary(d: dict[str, Any]) -> str:
-    """Plain-text table of a :func:`dkuxnet.bench.run_bench` result (and its profile), for the terminal."""
+    """Plain-text table of a :func:`dkuxnet.perf.bench.run_bench` result (and its profile), for the terminal."""
     head = (f"dkuxnet bench on {d['device']} (torch {d['torch']}, CUDA {d['cuda']}, cuDNN {d['cudnn']}, "
             f"commit {str(d['commit'])[:12]}, {d['date']})\nup to {d['steps']} timed steps after {d['warmup']} "
             f"warm-up per row, timed steps capped at {d['row_seconds']:g} s per row, cudnn.benchmark_limit "
@@ -201,10 +201,10 @@ def _traffic_section(path: Path, d: dict[str, Any]) -> list[str]:
 def perf_report(folder: Path) -> str:
     """Markdown for the book's performance page from the committed files of ``folder`` (``results/perf``).
 
-    ``bench_*.json`` (:func:`dkuxnet.bench.run_bench` output, one per card): a table per file, its card,
+    ``bench_*.json`` (:func:`dkuxnet.perf.bench.run_bench` output, one per card): a table per file, its card,
     software versions, budget, commit and date in the caption, and the profile when the file has one.
-    ``memprobe*.json`` (``tools/memprobe.py``): the CPU estimate of activation memory. ``traffic*.json``
-    (``tools/traffic.py``): the step's memory traffic counted on the meta device, a row per commit.
+    ``memprobe*.json`` (:mod:`dkuxnet.perf.memprobe`): the CPU estimate of activation memory. ``traffic*.json``
+    (:mod:`dkuxnet.perf.traffic`): the step's memory traffic counted on the meta device, a row per commit.
     Without a bench file the text says that no GPU benchmark is committed.
     """
     folder = Path(folder)
