@@ -145,17 +145,37 @@ def _cmd_perf_report(a: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(a: argparse.Namespace) -> int:
-    from dkuxnet.reproduce import format_table, reproduce
+    from dkuxnet.grid.launch import grid_states
+    from dkuxnet.grid.slurm import SlurmOptions, parse_options, slurm_minutes
+    from dkuxnet.grid.state import status_table
+    from dkuxnet.reproduce import grid_spec, plan_cells, reproduce
 
+    data_dir, runs_dir = Path(a.data_dir) if a.data_dir else None, Path(a.runs_dir) if a.runs_dir else None
+    results_dir = Path(a.results_dir) if a.results_dir else None
+    spec = grid_spec(a.profile, data_dir, runs_dir, results_dir, a.max_iterations, a.device, a.eval_mode)
+    cells = plan_cells(a.profile, a.ratios, a.seeds, a.presets, a.ablations)
+    if a.status:
+        print(status_table(grid_states(cells, spec)))
+        return 0
+    slurm = None
+    if a.launcher != "slurm" and (a.partition or a.time or a.slurm_opt):
+        raise ValueError("--partition, --time and --slurm-opt are for --launcher slurm")
+    if a.launcher == "slurm":
+        if not a.time:
+            raise ValueError("--launcher slurm needs --time, the time limit of one cell's job (e.g. 8:00:00)")
+        slurm = SlurmOptions(slurm_minutes(a.time), a.partition, a.gpus_per_node, parse_options(a.slurm_opt))
     records = reproduce(
-        profile=a.profile, ratios=a.ratios, seeds=a.seeds, data_dir=Path(a.data_dir) if a.data_dir else None,
-        runs_dir=Path(a.runs_dir) if a.runs_dir else None, max_iterations=a.max_iterations, device=a.device,
-        presets=a.presets, ablations=a.ablations,
+        profile=a.profile, ratios=a.ratios, seeds=a.seeds, data_dir=data_dir, runs_dir=runs_dir,
+        max_iterations=a.max_iterations, device=a.device, presets=a.presets, ablations=a.ablations,
+        eval_mode=a.eval_mode, results_dir=results_dir, launcher=a.launcher, gpus=a.gpus, jobs=a.jobs, slurm=slurm,
     )
-    print(format_table(records))
-    failed = [r for r in records if r["status"] != "ok"]
+    print(status_table(grid_states(cells, spec)))
+    failed = [r for r in records if r["status"] in ("failed", "locked")]
     for r in failed:
-        print(f"error: {r['cell']}: {r['error']} (see {r['run_dir']})", file=sys.stderr)
+        print(f"error: {r['cell']}: {r['error']} (log: {r.get('log') or r.get('job_log') or r['run_dir']})",
+              file=sys.stderr)
+    if a.launcher == "slurm":
+        print(f"results: {spec.results_dir}; progress: the same command with --status")
     return 1 if failed else 0
 
 
@@ -269,11 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "reproduce", help="run the notebooks with papermill for each cell (preset, ablation, label ratio, seed)",
         description="Execute 03_train and 04_evaluate with papermill for every cell of the grid presets x "
-        "ablations x ratios x seeds, one after the other, each into RUNS_DIR/<cell>/ (<cell>: preset-ablation-"
-        "r<ratio>-s<seed>, e.g. cpu-all-r0.1-s1337); write the records "
-        "(with each cell's wall time) to RUNS_DIR/summary.json and print a table. With --profile cpu and none of "
-        "--presets, --ablations, --ratios, --seeds: the cpu profile's three runs (cpu preset with all losses, "
-        "its supervised ablation seg, the V-Net), label ratio 0.1, seed 1337. Exit status 1 when a cell failed.",
+        "ablations x ratios x seeds, each into RUNS_DIR/<cell>/ (<cell>: preset-ablation-"
+        "r<ratio>-s<seed>, e.g. cpu-all-r0.1-s1337): in this process one after the other (--launcher inline), "
+        "on this machine several at once (--launcher local), or as Slurm jobs (--launcher slurm). Cells that "
+        "finished with the same configuration are skipped, interrupted ones resume their last.pt; each finished "
+        "cell's result goes to RESULTS_DIR/<profile>/<cell>.json. Write the records "
+        "(with each cell's wall time) to RUNS_DIR/summary.json and print the grid's state. With --profile cpu and "
+        "none of --presets, --ablations, --ratios, --seeds: the cpu profile's three runs (cpu preset with all "
+        "losses, its supervised ablation seg, the V-Net), label ratio 0.1, seed 1337. Exit status 1 when a cell "
+        "failed.",
     )
     r.add_argument("--profile", choices=PROFILES, default="smoke")
     r.add_argument("--presets", choices=PRESETS, nargs="+", default=None, metavar="PRESET",
@@ -286,6 +310,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--runs-dir", default=None, help="folder of the run folders and summary.json (default: runs/PROFILE)")
     r.add_argument("--max-iterations", type=int, default=None)
     r.add_argument("--device", default=None)
+    r.add_argument("--eval-mode", choices=("protocol", "fast"), default="protocol",
+                   help="04_evaluate's mode: protocol (the numbers to report, default) or fast (diagnostic)")
+    r.add_argument("--results-dir", default=None,
+                   help="where finished cells' results go: RESULTS_DIR/<profile>/<cell>.json "
+                   "(default: RUNS_DIR/results)")
+    r.add_argument("--status", action="store_true",
+                   help="print the grid's state (done / running / failed / pending, Dice when done) and run nothing")
+    r.add_argument("--launcher", choices=("inline", "local", "slurm"), default="inline",
+                   help="inline: here, one cell after the other (default); local: submitit on this machine; "
+                   "slurm: one Slurm job per cell (needs submitit: pip install 'dkuxnet[cluster]')")
+    r.add_argument("--gpus", type=int, default=0, metavar="N",
+                   help="local: N cells at once, one GPU each (CUDA_VISIBLE_DEVICES per job)")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="local without --gpus: N CPU cells at once, the cores split between them (default 1: "
+                   "one cell has the whole machine)")
+    r.add_argument("--partition", default=None, help="slurm: the partition (default: the cluster's)")
+    r.add_argument("--time", default=None, metavar="LIMIT",
+                   help="slurm: time limit of one cell's job, as sbatch takes it (e.g. 8:00:00 or 1-00:00:00)")
+    r.add_argument("--gpus-per-node", type=int, default=1, metavar="N", help="slurm: GPUs per job (default 1; 0: none)")
+    r.add_argument("--slurm-opt", action="append", default=[], metavar="NAME=VALUE",
+                   help="slurm: any further sbatch option, repeatable (e.g. --slurm-opt account=lab --slurm-opt "
+                   "cpus-per-task=8)")
     r.set_defaults(func=_cmd_reproduce)
 
     g = sub.add_parser(

@@ -12,8 +12,8 @@ Four profiles fill in whatever a notebook's ``parameters`` cell leaves empty:
   45 min), and the V-Net baseline on the same grid and patch given the same wall-clock time
   (:data:`CPU_VNET_CHANGES`); see :data:`CPU_NOTE`. Its default grid is :data:`CPU_CELLS`.
 
-:func:`reproduce` runs a grid of :class:`Cell` (preset, loss ablation, label ratio, seed); :func:`run_cell`
-executes the notebooks of one cell, so that a cell can be submitted as one job.
+:func:`reproduce` runs a grid of :class:`Cell` (preset, loss ablation, label ratio, seed), inline or on a
+local or Slurm executor, resumably (:mod:`dkuxnet.grid`); :func:`run_cell` executes the notebooks of one cell.
 
 Paths are relative to the notebooks' working directory (the repository's ``notebooks/`` folder),
 so the same defaults work in Jupyter, in the book build and under :func:`reproduce`.
@@ -27,10 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dkuxnet.config import ABLATIONS, PRESETS, Config, get_preset
 from dkuxnet.errors import DataError
+from dkuxnet.results import EVAL_MODES
+
+if TYPE_CHECKING:
+    from dkuxnet.grid.job import GridSpec
+    from dkuxnet.grid.slurm import SlurmOptions
 
 PROFILES = ("smoke", "paper", "colab", "cpu")
 NOTEBOOKS = ("03_train", "04_evaluate")
@@ -410,80 +415,92 @@ def notebooks_dir() -> Path:
 
 def run_cell(
     cell: Cell, profile: str, runs_dir: Path, data_dir: Path | None = None, max_iterations: int | None = None,
-    device: str | None = None, progress: bool = True,
+    device: str | None = None, progress: bool = True, eval_mode: str = "protocol",
 ) -> dict[str, Any]:
-    """Execute ``03_train`` then ``04_evaluate`` with papermill for one cell; return its record.
+    """Execute ``03_train`` then ``04_evaluate`` (``mode=eval_mode``) with papermill for one cell; return its record.
 
     The run folder ``runs_dir/<cell name>/`` (:func:`plan_cell`) receives the executed notebooks and
-    the run's outputs (``last.pt``, ``metrics.jsonl``, ``eval/summary.json``, ...). A smoke run starts over;
-    any other run resumes an existing ``last.pt`` (a finished run is then only re-evaluated).
+    the run's outputs (``last.pt``, ``metrics.jsonl``, ``eval/summary.json``, ...). A run with a ``last.pt``
+    resumes it (a finished run is then only re-evaluated), except a smoke run whose ``eval/summary.json``
+    exists: that one starts over.
 
     Returns:
-        the record ``{"cell", <parameters>, <evaluation summary>, "status", "start", "end", "seconds"}``:
-        status ``ok``, or ``failed`` with ``error`` (the failing cell's exception, also in the executed
-        notebook) when a notebook raised; start and end are UTC ISO times, seconds the wall time of the cell.
+        the record ``{"cell", <parameters>, "resume", <evaluation summary>, "status", "start", "end", "seconds",
+        "host", "job_id"}``: status ``ok``, or ``failed`` with ``error`` (the failing cell's exception) and
+        ``log`` (the executed notebook that shows it) when a notebook raised; start and end are UTC ISO times,
+        seconds the wall time of the cell; host and job id (:mod:`dkuxnet.grid.identity`) where it ran.
 
     Raises:
-        ValueError: an unknown profile.
+        ValueError: an unknown profile or evaluation mode.
     """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    from dkuxnet.grid.identity import host, job_id
+
+    if eval_mode not in EVAL_MODES:
+        raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
     source = notebooks_dir()
     run = plan_cell(cell, profile, runs_dir, data_dir, max_iterations, device)
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    resume = profile != "smoke" and (run.run_dir / "last.pt").is_file()
+    evaluated = (run.run_dir / "eval" / "summary.json").is_file()
+    resume = (run.run_dir / "last.pt").is_file() and not (profile == "smoke" and evaluated)
     start, clock = datetime.now(timezone.utc), time.perf_counter()
     summary: dict[str, Any] = {}
     status: dict[str, Any] = {"status": "ok"}
+    extra = {"03_train": {"resume": resume}, "04_evaluate": {"mode": eval_mode}}
     try:
         for name in NOTEBOOKS:
-            parameters = {**run.parameters, "resume": resume} if name == "03_train" else run.parameters
+            executed = run.run_dir / f"{name}.ipynb"
             pm.execute_notebook(
-                source / f"{name}.ipynb", run.run_dir / f"{name}.ipynb", parameters=parameters,
+                source / f"{name}.ipynb", executed, parameters={**run.parameters, **extra[name]},
                 cwd=str(source), kernel_name="python3", progress_bar=progress,
             )
         summary = json.loads((run.run_dir / "eval" / "summary.json").read_text())
     except PapermillExecutionError as exc:
-        status = {"status": "failed", "error": f"{exc.ename}: {exc.evalue}"}
+        status = {"status": "failed", "error": f"{exc.ename}: {exc.evalue}", "log": str(executed)}
     return {
-        "cell": cell.name, **run.parameters, **summary, **status,
+        "cell": cell.name, **run.parameters, "resume": resume, **summary, **status, "host": host(), "job_id": job_id(),
         "start": start.isoformat(timespec="seconds"),
         "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - clock, 1),
     }
 
 
+def grid_spec(
+    profile: str, data_dir: Path | None = None, runs_dir: Path | None = None, results_dir: Path | None = None,
+    max_iterations: int | None = None, device: str | None = None, eval_mode: str = "protocol",
+) -> GridSpec:
+    """What the cells of one :func:`reproduce` grid share; ``runs_dir`` None means ``runs/<profile>``
+    (:func:`default_runs_dir`), ``results_dir`` None means ``<runs_dir>/results``."""
+    from dkuxnet.grid.job import GridSpec
+
+    runs = Path(runs_dir or default_runs_dir(profile))
+    return GridSpec(profile, runs, Path(results_dir) if results_dir else runs / "results", data_dir, max_iterations,
+                    device, eval_mode)
+
+
 def reproduce(
     profile: str, ratios: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
     data_dir: Path | None = None, runs_dir: Path | None = None, max_iterations: int | None = None,
     device: str | None = None, progress: bool = True, presets: Sequence[str] | None = None,
-    ablations: Sequence[str] | None = None,
+    ablations: Sequence[str] | None = None, *, eval_mode: str = "protocol", results_dir: Path | None = None,
+    launcher: str = "inline", gpus: int = 0, jobs: int = 1, slurm: SlurmOptions | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every cell of :func:`plan_cells` with :func:`run_cell`, one after the other.
+    """Run every cell of :func:`plan_cells` that is not done yet, with :func:`dkuxnet.grid.launch.run_grid`.
 
-    Each cell runs in ``runs_dir/<cell name>/``; ``runs_dir`` None means ``runs/<profile>``. The records are
-    written to ``runs_dir/summary.json`` after each cell (a failed cell is recorded and the grid goes on) and
-    returned; :func:`format_table` prints them.
+    Each cell runs in ``runs_dir/<cell name>/`` (:func:`grid_spec`) through :func:`run_cell`: ``inline``
+    one after the other in this process, ``local`` on submitit's local executor (``gpus`` cells at once, one
+    GPU each, or ``jobs`` CPU cells at once), ``slurm`` as Slurm jobs (``slurm`` options). A cell whose
+    ``cell.json`` says it finished with the same configuration is skipped; an interrupted one resumes its
+    ``last.pt``; a failed cell is recorded and the grid goes on. Each finished cell's result goes to
+    ``results_dir/<profile>/<cell>.json`` (default ``<runs_dir>/results``), where
+    :func:`dkuxnet.results.load_results` reads it. The records are written to ``runs_dir/summary.json`` and
+    returned; :func:`dkuxnet.grid.state.status_table` of :func:`dkuxnet.grid.launch.grid_states` prints the
+    grid's state.
     """
+    from dkuxnet.grid.launch import run_grid
+
+    spec = grid_spec(profile, data_dir, runs_dir, results_dir, max_iterations, device, eval_mode)
     cells = plan_cells(profile, ratios, seeds, presets, ablations)
-    runs_dir = Path(runs_dir or default_runs_dir(profile))
-    out = runs_dir / "summary.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    for cell in cells:
-        records.append(run_cell(cell, profile, runs_dir, data_dir, max_iterations, device, progress))
-        out.write_text(json.dumps(records, indent=2, default=str) + "\n")
-    return records
-
-
-def format_table(records: list[dict[str, Any]]) -> str:
-    """Plain-text table of :func:`reproduce` records: cell, status, seconds and mean Dice (%)."""
-    rows = [("cell", "status", "seconds", "Dice (%)")]
-    for r in records:
-        dice = r.get("metrics", {}).get("dice", {}).get("mean")
-        rows.append((r["cell"], r["status"], f"{r['seconds']:.0f}", "-" if dice is None else f"{100 * dice:.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows
-    )
+    return run_grid(cells, spec, launcher, gpus=gpus, jobs=jobs, slurm=slurm, progress=progress)

@@ -126,8 +126,9 @@ def validate_result(d: dict[str, Any]) -> None:
 
 
 def _check_optional_provenance(d: dict[str, Any]) -> None:
-    """``bn_stats`` one of :data:`BN_STATS`, ``data_sha256`` a lowercase hex SHA-256 digest, and
-    ``bn_stats_other`` the same evaluation with the other statistics, when present."""
+    """``bn_stats`` one of :data:`BN_STATS`, ``data_sha256`` a lowercase hex SHA-256 digest,
+    ``bn_stats_other`` the same evaluation with the other statistics, ``host`` a non-empty string and
+    ``job_id`` a non-empty string or null, when present."""
     if "bn_stats" in d and d["bn_stats"] not in BN_STATS:
         raise ValueError(f"result field 'bn_stats' must be one of {BN_STATS}, got {d['bn_stats']!r}")
     other = d.get("bn_stats_other")
@@ -139,6 +140,10 @@ def _check_optional_provenance(d: dict[str, Any]) -> None:
                 raise ValueError(f"result field 'bn_stats_other' needs metrics {{'mean', 'std'}} for {m!r}")
         if not isinstance(other.get("n_failed"), int):
             raise ValueError("result field 'bn_stats_other' needs an integer 'n_failed'")
+    if "host" in d and not (isinstance(d["host"], str) and d["host"]):
+        raise ValueError(f"result field 'host' must be a non-empty string, got {d['host']!r}")
+    if "job_id" in d and not (d["job_id"] is None or (isinstance(d["job_id"], str) and d["job_id"])):
+        raise ValueError(f"result field 'job_id' must be a non-empty string or null, got {d['job_id']!r}")
     if "data_sha256" in d and not (isinstance(d["data_sha256"], str) and _SHA256.fullmatch(d["data_sha256"])):
         raise ValueError(
             f"result field 'data_sha256' must be a SHA-256 digest (64 lowercase hex digits), got {d['data_sha256']!r}"
@@ -158,7 +163,8 @@ def build_result(
 
     Training provenance comes from the checkpoint's ``provenance`` (keys ``commit`` or ``git_commit``,
     ``device``, ``torch`` or ``torch_version``, ``wall_s``), falling back to the evaluation's own values;
-    the arguments override. ``bn_stats`` and ``data_sha256`` are copied from the summary when it has them.
+    the arguments override. ``bn_stats`` and ``data_sha256`` are copied from the summary when it has them,
+    ``host`` and ``job_id`` (the machine and batch job that trained it) from the provenance when it has them.
 
     Args:
         summary: dict returned by :func:`dkuxnet.evaluate.evaluate_checkpoint`.
@@ -204,6 +210,7 @@ def build_result(
         "lcc": summary.get("lcc"),
         "notes": notes,
         **{k: summary[k] for k in OPTIONAL_PROVENANCE if summary.get(k) is not None},
+        **({"host": prov["host"], "job_id": prov.get("job_id")} if prov.get("host") else {}),
     }
     if other_bn_summary is not None:
         if (other_bn_summary["checkpoint"], other_bn_summary["iteration"]) != (summary["checkpoint"], summary["iteration"]):
@@ -280,42 +287,100 @@ def run_kind(r: dict[str, Any]) -> str:
     return f"{r['preset']} preset on {r['device']}"
 
 
+MEAN_COLUMNS = ("wall min", "Dice %", "Jaccard %", "95HD", "ASD", "Dice % (other BN stats)")  # mean ± sd over seeds
+OTHER_BN_COLUMN = "Dice % (other BN stats)"
+
+
 def ours_table(results: list[dict[str, Any]], kind: str | None = None) -> pd.DataFrame:
-    """Our runs of one :func:`run_kind` (``None``: all given), one row each, never beside the paper's numbers.
+    """Our runs of one :func:`run_kind` (``None``: all given), one row per setting, never beside the paper's numbers.
+
+    Runs that differ only in their seed share a row: for each number x of :data:`MEAN_COLUMNS` the row shows
+    the mean over its ``n`` runs and, in the column ``<x> sd``, the sample standard deviation
+
+        mean = (x_1 + … + x_n) / n,    sd = sqrt(((x_1 − mean)² + … + (x_n − mean)²) / (n − 1))
+
+    (NaN for one run; the ``sd`` columns are left out when no row has two runs). A NaN in one run makes
+    the row's mean NaN.
 
     Columns: ``method`` (DKUXNet / V-Net), ``losses`` (the loss ablation row), ``labeled`` scans,
-    ``iterations``, ``schedule``, ``wall min`` (training), ``Dice %``, ``Jaccard %``, ``95HD`` and ``ASD``
-    (voxels of 0.625 mm), ``failed`` cases, ``BN stats`` used, and ``Dice % (other BN stats)`` when the
-    result carries the evaluation with the other statistics (``bn_stats_other``; the column is left out when
-    no run has it), and ``run``, the provenance label of :func:`run_label`.
+    ``iterations``, ``schedule``, ``n_seeds`` (runs in the row), ``wall min`` (training), ``Dice %``,
+    ``Jaccard %``, ``95HD`` and ``ASD`` (voxels of 0.625 mm), ``failed`` cases (summed over the row's runs),
+    ``BN stats`` used, ``run`` (the provenance label of :func:`run_label`, with every seed), and
+    ``Dice % (other BN stats)`` when a result carries the evaluation with the other statistics
+    (``bn_stats_other``; the column is left out when no run has it).
+
+    Raises:
+        ValueError: a result does not validate, or two results of one row have the same seed (the same run twice).
     """
     import pandas as pd
 
-    rows = []
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         validate_result(r)
-        if kind is not None and run_kind(r) != kind:
-            continue
-        other = r.get("bn_stats_other")
-        rows.append({
-            "method": "DKUXNet" if r["config"]["model"]["arch"] == "dkuxnet" else "V-Net",
-            "losses": ABLATION_ROWS[r["config"]["loss"]["ablation"]], "labeled": r["labeled_num"],
-            "iterations": r["iterations"], "schedule": r["schedule"], "wall min": r["wall_time_s"] / 60,
-            "Dice %": 100 * _num(r["metrics"]["dice"]["mean"]), "Jaccard %": 100 * _num(r["metrics"]["jaccard"]["mean"]),
-            "95HD": _num(r["metrics"]["hd95"]["mean"]), "ASD": _num(r["metrics"]["asd"]["mean"]),
-            "failed": r["n_failed"], "BN stats": r.get("bn_stats", "ema"), "run": run_label(r),
-            "Dice % (other BN stats)": 100 * _num(other["metrics"]["dice"]["mean"]) if other else math.nan,
-        })
+        if kind is None or run_kind(r) == kind:
+            groups.setdefault(_setting_key(r), []).append(r)
+    rows = [_table_row(runs) for runs in groups.values()]
     if not rows:
         return pd.DataFrame(rows)
     df = pd.DataFrame(rows).sort_values(["labeled", "method", "losses"], kind="stable").reset_index(drop=True)
-    return df.drop(columns=["Dice % (other BN stats)"]) if df["Dice % (other BN stats)"].isna().all() else df
+    drop = [c for c in df.columns if c.endswith(" sd")] if df["n_seeds"].max() < 2 else []
+    if df[OTHER_BN_COLUMN].isna().all():
+        drop += [OTHER_BN_COLUMN, f"{OTHER_BN_COLUMN} sd"]
+    return df.drop(columns=[c for c in drop if c in df.columns])
 
 
-def run_label(r: dict[str, Any]) -> str:
-    """Short provenance label of one of our runs, e.g. ``preset=paper seed=1337 15000 it (full) …``."""
+def _setting_key(r: dict[str, Any]) -> str:
+    """Everything that makes a run but its seed: config without ``train.seed``, iterations, device, evaluation."""
+    config = {**r["config"], "train": {k: v for k, v in r["config"]["train"].items() if k != "seed"}}
+    return json.dumps([config, r["iterations"], r["device"], r["eval_mode"], r.get("bn_stats", "ema")], sort_keys=True)
+
+
+def _table_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) < len(seeds):
+        names = ", ".join(str(r.get("name") or r["seed"]) for r in runs)
+        raise ValueError(f"results {names} are the same run (same setting and seed) more than once")
+    first = runs[0]
+    values = {column: [_row_numbers(r)[column] for r in runs] for column in MEAN_COLUMNS}
+    row: dict[str, Any] = {
+        "method": "DKUXNet" if first["config"]["model"]["arch"] == "dkuxnet" else "V-Net",
+        "losses": ABLATION_ROWS[first["config"]["loss"]["ablation"]], "labeled": first["labeled_num"],
+        "iterations": first["iterations"], "schedule": first["schedule"], "n_seeds": len(runs),
+    }
+    for column in MEAN_COLUMNS[:-1]:
+        row[column], row[f"{column} sd"] = _mean_sd(values[column])
+    row["failed"] = sum(r["n_failed"] for r in runs)
+    row["BN stats"] = first.get("bn_stats", "ema")
+    row["run"] = run_label(first, seeds=sorted(seeds))
+    row[OTHER_BN_COLUMN], row[f"{OTHER_BN_COLUMN} sd"] = _mean_sd(values[OTHER_BN_COLUMN])
+    return row
+
+
+def _row_numbers(r: dict[str, Any]) -> dict[str, float]:
+    other = r.get("bn_stats_other")
+    return {
+        "wall min": r["wall_time_s"] / 60, "Dice %": 100 * _num(r["metrics"]["dice"]["mean"]),
+        "Jaccard %": 100 * _num(r["metrics"]["jaccard"]["mean"]), "95HD": _num(r["metrics"]["hd95"]["mean"]),
+        "ASD": _num(r["metrics"]["asd"]["mean"]),
+        OTHER_BN_COLUMN: 100 * _num(other["metrics"]["dice"]["mean"]) if other else math.nan,
+    }
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; NaN for one value); NaN in, NaN out."""
+    n = len(xs)
+    mean = math.fsum(xs) / n
+    if n < 2 or math.isnan(mean):
+        return mean, math.nan
+    return mean, math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+
+
+def run_label(r: dict[str, Any], seeds: list[int] | None = None) -> str:
+    """Short provenance label of one of our runs, e.g. ``preset=paper seed=1337 15000 it (full) …``; with
+    ``seeds`` of more than one run, ``seeds=1337,1338,1339`` instead of the run's own seed."""
     sched = f"{r['iterations']} it (full)" if r["schedule"] == "full" else r["schedule"]
-    return f"preset={r['preset']} seed={r['seed']} {sched} on {r['device']}, eval={r['eval_mode']}"
+    seed = f"seeds={','.join(map(str, seeds))}" if seeds and len(seeds) > 1 else f"seed={r['seed']}"
+    return f"preset={r['preset']} {seed} {sched} on {r['device']}, eval={r['eval_mode']}"
 
 
 def git_commit(package: Path | None = None) -> str:

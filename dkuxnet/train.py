@@ -65,6 +65,7 @@ from dkuxnet.engine import (
 )
 from dkuxnet.errors import CheckpointError, NonFiniteLossError
 from dkuxnet.fileio import write_text_atomic
+from dkuxnet.grid.identity import host, job_id
 from dkuxnet.precise_bn import recomputed_bn_state
 
 RESUMABLE_CHANGES = frozenset({"train.max_iterations"})  # the only field a resume may change
@@ -219,6 +220,7 @@ class _Session:
             "commit": self.commit, "device": device_name(self.run.device), "torch": torch.__version__,
             "date": _now(), "started": self.started, "wall_s": self.wall(), "seed": cfg.train.seed,
             "preset": cfg.preset, "schedule": schedule_state(cfg.train, self.run.iteration),
+            "host": host(), "job_id": job_id(),
         }
         if self.bn_recomputed is not None:
             state["bn_recomputed"] = self.bn_recomputed

@@ -84,7 +84,7 @@ def test_every_page_is_in_the_toc() -> None:
 READING_ORDER = [
     "book/intro", "book/method", "book/decisions", "book/data", "notebooks/01_data", "notebooks/02_model",
     "notebooks/03_train", "notebooks/04_evaluate", "notebooks/05_ablation", "notebooks/06_visualize",
-    "notebooks/07_results", "book/reproduce", "book/faq", "book/references", "book/performance",
+    "notebooks/07_results", "book/reproduce", "book/full_reproduction", "book/faq", "book/references", "book/performance",
 ]
 
 

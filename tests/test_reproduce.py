@@ -10,7 +10,7 @@ import pytest
 from dkuxnet.config import get_preset
 from dkuxnet.errors import DataError
 from dkuxnet.reproduce import (
-    COLAB_CHANGES, CPU_CELLS, CPU_VNET_CHANGES, CPU_VNET_ITERATIONS, NOTEBOOKS, Cell, format_table, plan_cells, plan_runs,
+    COLAB_CHANGES, CPU_CELLS, CPU_VNET_CHANGES, CPU_VNET_ITERATIONS, NOTEBOOKS, Cell, plan_cells, plan_runs,
     prepare_data, reproduce, resolve_profile, run_cell,
 )
 
@@ -175,26 +175,39 @@ def test_run_cell_records_wall_time_resumes_and_reports_failures(tmp_path, monke
         (Path(parameters["run_dir"]) / "eval" / "summary.json").write_text('{"metrics": {"dice": {"mean": 0.5}}}')
 
     monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
     cell = Cell("cpu", "seg", 0.1, 1337)
     (tmp_path / "cpu-seg-r0.1-s1337").mkdir()
     (tmp_path / "cpu-seg-r0.1-s1337" / "last.pt").write_bytes(b"x")
-    record = run_cell(cell, "cpu", tmp_path, progress=False)
+    record = run_cell(cell, "cpu", tmp_path, progress=False, eval_mode="fast")
     assert [name for name, _ in calls] == list(NOTEBOOKS)
     assert calls[0][1]["resume"] is True and "resume" not in calls[1][1]  # a cpu run resumes its last.pt
+    assert calls[1][1]["mode"] == "fast" and "mode" not in calls[0][1]
     assert record["cell"] == "cpu-seg-r0.1-s1337" and record["status"] == "ok" and record["seconds"] >= 0
     assert record["start"] <= record["end"] and record["metrics"]["dice"]["mean"] == 0.5
+    assert record["job_id"] == "4242" and record["host"] and record["resume"] is True
+    calls.clear()
+    smoke_dir = tmp_path / "tiny-seg-r0.1-s1"
+    run_cell(Cell("tiny", "seg", 0.1, 1), "smoke", tmp_path, progress=False)
+    assert calls[0][1]["resume"] is False  # nothing to resume
+    (smoke_dir / "last.pt").write_bytes(b"x")
+    (smoke_dir / "eval" / "summary.json").unlink()
     calls.clear()
     run_cell(Cell("tiny", "seg", 0.1, 1), "smoke", tmp_path, progress=False)
-    assert calls[0][1]["resume"] is False
+    assert calls[0][1]["resume"] is True  # an interrupted smoke cell keeps and resumes its last.pt ...
+    calls.clear()
+    run_cell(Cell("tiny", "seg", 0.1, 1), "smoke", tmp_path, progress=False)
+    assert calls[0][1]["resume"] is False  # ... a finished one starts over
     failed = run_cell(Cell("cpu", "qdc", 0.1, 1337), "cpu", tmp_path, progress=False)
     assert failed["status"] == "failed" and failed["error"] == "CheckpointError: boom" and "metrics" not in failed
-    table = format_table([record, failed]).splitlines()
-    assert table[0].split() == ["cell", "status", "seconds", "Dice", "(%)"]
-    assert table[1].split()[::3] == ["cpu-seg-r0.1-s1337", "50.00"] and table[2].split()[1::2] == ["failed", "-"]
+    assert failed["log"] == str((tmp_path / "cpu-qdc-r0.1-s1337" / "03_train.ipynb").resolve())
+    with pytest.raises(ValueError, match="eval_mode"):
+        run_cell(cell, "cpu", tmp_path, eval_mode="slow")
 
 
 def test_cli_reproduce_cpu_runs_its_three_cells_and_prints_the_table(tmp_path, monkeypatch, capsys):
     papermill = pytest.importorskip("papermill")
+    import dkuxnet.grid.collect
     from dkuxnet.cli import main
 
     def fake_execute(source, output, parameters, **kwargs):
@@ -202,12 +215,16 @@ def test_cli_reproduce_cpu_runs_its_three_cells_and_prints_the_table(tmp_path, m
         (Path(parameters["run_dir"]) / "eval" / "summary.json").write_text('{"metrics": {"dice": {"mean": 0.8}}}')
 
     monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    monkeypatch.setattr(dkuxnet.grid.collect, "collect_cell", lambda *args: {})  # the fake summary is no result
     assert main(["reproduce", "--profile", "cpu", "--runs-dir", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "summary.json").read_text())
     assert [r["cell"] for r in records] == [c.name for c in CPU_CELLS]
     assert all({"start", "end", "seconds"} <= set(r) for r in records)
-    lines = capsys.readouterr().out.splitlines()[-4:]
-    assert lines[0].split()[0] == "cell" and [line.split()[0] for line in lines[1:]] == [c.name for c in CPU_CELLS]
+    assert all(r["result"] == str(tmp_path.resolve() / "results" / "cpu" / f"{r['cell']}.json") for r in records)
+    lines = capsys.readouterr().out.splitlines()[-5:]
+    assert lines[0].split()[:3] == ["cell", "state", "seconds"]
+    assert [line.split()[:2] for line in lines[1:4]] == [[c.name, "done"] for c in CPU_CELLS]
+    assert lines[1].split()[3] == "80.00" and lines[4] == "3 cells: 3 done, 0 running, 0 failed, 0 pending"
     assert main(["reproduce", "--profile", "cpu", "--ablations", "seg", "--runs-dir", str(tmp_path / "w")]) == 0
     assert [r["cell"] for r in json.loads((tmp_path / "w" / "summary.json").read_text())] == ["cpu-seg-r0.1-s1337"]
 
