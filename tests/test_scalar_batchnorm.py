@@ -107,3 +107,76 @@ def test_frozen_recompute_leaves_running_stats_alone():
         torch.testing.assert_close(a, b, **TOL)
     for a, b in zip(head.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, **TOL)
+
+
+def test_hand_computed_input_gradient():
+    """x = [0, 1, 2, 3], dy = [1, 0, 0, 0], γ = 1, ε = 0: r = 1/√1.25, Σdy = 1, Σdy·x̂ = −1.5r, so
+    dx = r(dy − 1/4 − x̂·(−1.5r)/4) = r·[0.3, −0.4, −0.1, 0.2]."""
+    bn = ScalarBatchNorm(eps=0.0).double()
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(bn(x)[0, 0], x)
+    expected = torch.tensor([[0.3, -0.4, -0.1, 0.2]], dtype=torch.float64) / 1.25**0.5
+    torch.testing.assert_close(dx, expected, **TOL)
+
+
+def test_bf16_autocast_is_an_fp32_island():
+    """bf16 input under CPU bf16 autocast: fp32 output and statistics equal to the fp32 run on the same values
+    (bf16 → fp32 is exact), the input gradient equal to fp32's rounded to bf16, the parameter gradients to
+    within 1e-6 relative (the fp32 run's upstream gradient is the same tensor)."""
+    gen = torch.Generator().manual_seed(2)
+    x16 = (3.0 + torch.randn(2, 5, 40, generator=gen)).bfloat16().requires_grad_(True)
+    x32 = x16.detach().float().requires_grad_(True)
+    dy = torch.randn(2, 5, 40, generator=gen)
+    ours, ref = ScalarBatchNorm(), ScalarBatchNorm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = ours(x16)
+    y32 = ref(x32)
+    assert y16.dtype == torch.float32 and ours.running_mean.dtype == ours.running_var.dtype == torch.float32
+    torch.testing.assert_close(y16, y32, rtol=0, atol=0)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=0, atol=0)
+    (y16 * dy).sum().backward()
+    (y32 * dy).sum().backward()
+    assert x16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x16.grad, x32.grad.bfloat16(), rtol=0, atol=0)
+    for a, b in ((ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+class _PeakBytes:
+    """Peak bytes of the storages created inside (alive together), counted per aten op."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                import weakref
+
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in counter.alive:
+                        key, size = t.untyped_storage()._cdata, t.untyped_storage().nbytes()
+                        counter.alive[key] = size
+                        weakref.finalize(t.untyped_storage(), counter.alive.pop, key, None)
+                counter.peak = max(counter.peak, sum(counter.alive.values()))
+                return out
+
+        self.alive: dict[int, int] = {}
+        self.peak = 0
+        self.mode = Mode()
+
+
+def test_backward_holds_one_full_size_temporary():
+    """Backward creates one input-sized tensor, the temporary that becomes dx (x̂ and dy·x̂ made it two)."""
+    bn = ScalarBatchNorm()
+    x = torch.randn(2, 8, 4096, requires_grad=True)
+    dy = torch.randn_like(x)
+    y = bn(x)
+    counter = _PeakBytes()
+    with counter.mode:
+        y.backward(dy)
+    full = x.numel() * x.element_size()
+    assert full <= counter.peak < full + 4096, counter.peak  # + a few scalars

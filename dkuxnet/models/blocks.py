@@ -10,13 +10,14 @@ They are re-written here (about 40 lines) to keep parameter names short and to c
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
 class LayerNorm3d(nn.LayerNorm):
@@ -94,10 +95,25 @@ def _frozen_running_stats(module: nn.Module) -> Iterator[None]:
 _replay_scopes: list[tuple[bool, dict[int, list[Any]], dict[int, int]]] = []  # (recompute?, values, cursors)
 
 
-@contextlib.contextmanager
-def _recompute_scope(owner: nn.Module, store: dict[int, list[Any]]) -> Iterator[None]:
-    with _frozen_running_stats(owner), _replay_scope(True, store):
-        yield
+class _RecomputeScope(contextlib.AbstractContextManager):
+    """The context of every backward recompute of one checkpointed call: frozen statistics, replayed values.
+
+    Re-enterable (a generator context manager is one-shot): a second backward through the same graph
+    (``retain_graph=True``, or ``torch.autograd.grad`` twice) recomputes again and replays the same values.
+    """
+
+    def __init__(self, owner: nn.Module, store: dict[int, list[Any]]) -> None:
+        self.owner, self.store = owner, store
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_frozen_running_stats(self.owner))
+            stack.enter_context(_replay_scope(True, self.store))
+            self.stack = stack.pop_all()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.close()
 
 
 @contextlib.contextmanager
@@ -136,19 +152,35 @@ def maybe_checkpoint(
 ) -> Any:
     """``fn(*args)``, recomputed in backward (``torch.utils.checkpoint``, non-reentrant) when ``enabled``.
 
-    ``fn`` is a module or a method of ``module``. Only active while ``module`` (default: ``fn``) is training
+    ``fn`` is a module or a callable of ``module``. Only active while ``module`` (default: ``fn``) is training
     with gradients on. BatchNorm running statistics are updated once, in the first forward, as without
     checkpointing (the eager recomputation runs with momentum 0), and values marked with :func:`replayed`
-    are reused from the forward, not recomputed.
+    are reused from the forward, not recomputed. A second backward through the same graph
+    (``retain_graph=True``) recomputes again, with the same replayed values.
+
+    Under ``torch.compile`` the region becomes selective checkpointing that saves the output of every
+    ``aten.argmax`` and recomputes the rest, so the compiled backward reuses the forward's hard
+    assignments too (tests check its backward graph has no argmax). There the replay is by operator, not by
+    :func:`replayed`: a marked value computed by anything else than ``argmax`` would be recomputed.
+    The compiled graph updates the running statistics once (functionalised), so nothing is frozen there.
     """
     owner = fn if module is None else module
     if not (enabled and owner.training and torch.is_grad_enabled()):
         return fn(*args)
-    if torch.compiler.is_compiling():  # dynamo rejects custom context_fn; the compiled backward mutates no buffers
-        return checkpoint(fn, *args, use_reentrant=False)
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=_SAVE_ARGMAX)
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         store: dict[int, list[Any]] = {}
-        return _replay_scope(False, store), _recompute_scope(owner, store)
+        return _replay_scope(False, store), _RecomputeScope(owner, store)
 
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
+
+
+def _argmax_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective checkpointing under ``torch.compile``: keep every ``argmax`` of the forward, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.argmax.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# a module-level partial: the one kind of context_fn dynamo accepts
+_SAVE_ARGMAX = functools.partial(create_selective_checkpoint_contexts, _argmax_policy)

@@ -34,12 +34,15 @@ Precision and memory: the model is bf16-autocast friendly; the affinities, assig
 query attention, ``softmax_N`` and the segmentation/cluster sums run in fp32 islands, so every
 ``ModelOutput`` tensor is fp32. ``checkpoint_activations`` (on by default, off in ``tiny``) recomputes in
 backward the blocks on the two finest grids: enc1, enc2, dec1, dec0, the kMaX layers of the finest kMaX
-scale, and the final predictor as two segments (pixel path; fp32 affinity). The predictor alone is not
-enough: recomputed first in backward, while everything else is still held, it would only move the peak.
-Measured with ``tools/memprobe.py`` (CPU proxy, bf16 autocast, ``results/perf/memprobe_cpu.json``), the
-``paper`` step at 2 views × 4 volumes of 112×112×80 keeps ≈ 9.4 kB per voxel without and ≈ 3.1 kB with
-it; the estimated peak falls from ≈ 80 to ≈ 53 GiB (an upper estimate). The peak is the recompute of the
-predictor's 256-channel full-resolution pixel path in backward. Under checkpointing the kMaX layers reuse
+scale, and the final predictor (pixel path and fp32 affinity, one segment) with its 256-channel
+full-resolution hidden layer in slabs (:mod:`~dkuxnet.models.pixel_mlp`); GELU after a BatchNorm saves
+only the BatchNorm's input (:func:`~dkuxnet.ops.batch_norm_gelu`). The predictor alone is not enough:
+recomputed first in backward, while everything else is still held, it would only move the peak.
+Measured with ``tools/memprobe.py`` before the slabs (CPU proxy, bf16 autocast,
+``results/perf/memprobe_cpu.json``), the ``paper`` step at 2 views × 4 volumes of 112×112×80 kept
+≈ 9.4 kB per voxel without and ≈ 3.1 kB with it. ``tools/traffic.py --peak`` (fp32-sized, meta device)
+estimates the step's peak at 39.4 GiB (55.7 before the slabs), 28.1 GiB of it alive after forward + loss;
+the peak is now in the loss's backward (the volume-level NT-Xent's 2B×(C·V) product). Under checkpointing the kMaX layers reuse
 the forward's hard assignment (:func:`~dkuxnet.models.blocks.replayed`), so gradients and BatchNorm
 statistics are identical to the un-checkpointed step (tests). There are no host syncs in ``forward`` (no
 ``.item()``, no branching on tensor values).

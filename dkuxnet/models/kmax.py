@@ -23,16 +23,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from dkuxnet.models.blocks import maybe_checkpoint, replayed
 from dkuxnet.models.depthwise import DepthwiseConv3d
-from dkuxnet.ops import l2_normalize
+from dkuxnet.models.pixel_mlp import pixel_mlp
+from dkuxnet.ops import batch_norm_gelu, l2_normalize
 from dkuxnet.precision import fp32_island, upcast
 
 
 def trunc_normal_(w: torch.Tensor, std: float) -> None:
     """Truncated-normal init cut at ±2σ (timm's ``trunc_normal_tf_``, as kmax-deeplab and DK-UXNet use)."""
     nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+
+# voxels per slab of the predictor's hidden layer under checkpointing: 1 GiB in fp32 at 256 channels
+PIXEL_SLAB_VOXELS = 2**20
 
 
 def _batch_norm(dims: int, channels: int) -> nn.modules.batchnorm._BatchNorm:
@@ -45,7 +51,9 @@ class _ScalarBatchNormFn(torch.autograd.Function):
 
     With ``batch_stats`` the statistics are those of ``x`` itself and the gradient flows through them:
     dx = γ·r·(dy − mean(dy) − x̂·mean(dy·x̂)), x̂ = (x − μ)·r. Without, they are constants: dx = γ·r·dy.
-    Saves only ``x``; x̂ is rebuilt in backward and turned into dx in place (one full-size temporary).
+    Saves only ``x``. Backward holds one full-size temporary: x̂ is rebuilt in it, multiplied by dy in
+    place for Σ dy·x̂, then overwritten with dx = k₁·x + k₀ + γr·dy (k₁ = −γr²·Σ(dy·x̂)/n,
+    k₀ = −μk₁ − γr·Σdy/n), the same expression expanded. Not twice differentiable.
     """
 
     @staticmethod
@@ -57,17 +65,18 @@ class _ScalarBatchNormFn(torch.autograd.Function):
         return torch.addcmul(bias - mean * scale, x, scale)  # one pass: x·scale + shift
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean, rstd = ctx.saved_tensors
-        xhat = torch.addcmul(-mean * rstd, x, rstd)  # (x − μ)·r
+        tmp = torch.addcmul(-mean * rstd, x, rstd)  # x̂ = (x − μ)·r: the one full-size temporary
         db = dy.sum().reshape(1)
-        dw = (dy * xhat).sum().reshape(1)
+        dw = tmp.mul_(dy).sum().reshape(1)  # Σ dy·x̂
         scale = weight * rstd
-        if ctx.batch_stats:
-            n = x.numel()
-            dx = xhat.mul_(-dw / n * scale).addcmul_(dy, scale).sub_(db / n * scale)  # γr(dy − mean dy − x̂·mean(dy·x̂))
-        else:
-            dx = dy * scale
+        if not ctx.batch_stats:
+            return dy * scale, dw, db, None, None, None
+        n = x.numel()
+        k1 = -dw / n * scale * rstd
+        dx = torch.addcmul(-db / n * scale - mean * k1, x, k1, out=tmp).addcmul_(dy, scale)  # γr(dy − mean dy − x̂·mean(dy·x̂))
         return dx, dw, db, None, None, None
 
 
@@ -94,21 +103,24 @@ class ScalarBatchNorm(nn.BatchNorm1d):
             raise ValueError(f"ScalarBatchNorm needs more than one value in training, got shape {tuple(input.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """An fp32 island: bf16 / fp16 inputs are upcast and the output is fp32 (float64 stays float64)."""
         self._check_input_dim(x)
-        batch_stats = self.training or self.running_mean is None
-        if batch_stats:
-            with torch.no_grad():
-                var, mean = torch.var_mean(x, correction=0)  # biased σ², μ: one reduction
-                if self.training and self.track_running_stats:
-                    self.num_batches_tracked.add_(1)
-                    m = 1.0 / self.num_batches_tracked.to(x.dtype) if self.momentum is None else self.momentum
-                    n = x.numel()
-                    self.running_mean.mul_(1 - m).add_(m * mean)
-                    self.running_var.mul_(1 - m).add_(m * var * (n / (n - 1)))
-        else:
-            mean, var = self.running_mean[0], self.running_var[0]
-        rstd = torch.rsqrt(var.to(x.dtype) + self.eps)
-        return _ScalarBatchNormFn.apply(x, self.weight, self.bias, mean.to(x.dtype), rstd, batch_stats)
+        with fp32_island(x.device):
+            x = upcast(x)
+            batch_stats = self.training or self.running_mean is None
+            if batch_stats:
+                with torch.no_grad():
+                    var, mean = torch.var_mean(x, correction=0)  # biased σ², μ: one reduction
+                    if self.training and self.track_running_stats:
+                        self.num_batches_tracked.add_(1)
+                        m = 1.0 / self.num_batches_tracked.to(x.dtype) if self.momentum is None else self.momentum
+                        n = x.numel()
+                        self.running_mean.mul_(1 - m).add_(m * mean)
+                        self.running_var.mul_(1 - m).add_(m * var * (n / (n - 1)))
+            else:
+                mean, var = self.running_mean[0], self.running_var[0]
+            rstd = torch.rsqrt(var.to(x.dtype) + self.eps)
+            return _ScalarBatchNormFn.apply(x, self.weight, self.bias, mean.to(x.dtype), rstd, batch_stats)
 
 
 class ConvBN(nn.Module):
@@ -160,8 +172,8 @@ class ConvBN(nn.Module):
         nn.init.constant_(self.norm.weight, gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.conv(x))
-        return F.gelu(x) if self.act else x
+        x = self.conv(x)
+        return batch_norm_gelu(x, self.norm) if self.act else self.norm(x)  # the former saves only the conv output
 
 
 @torch.no_grad()
@@ -235,9 +247,17 @@ class AssignmentHead(nn.Module):
         self.affinity_norm = ScalarBatchNorm()
         nn.init.constant_(self.affinity_norm.weight, 0.1)
 
-    def pixel_keys(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Kp before its L2 normalisation: B×C_in×X×Y×Z → B×E×X×Y×Z."""
-        return self.pixel_out(self.pixel_conv(self.pixel_dw(pixels)))
+    def pixel_keys(self, pixels: torch.Tensor, slab_voxels: int | None = None) -> torch.Tensor:
+        """Kp before its L2 normalisation: B×C_in×X×Y×Z → B×E×X×Y×Z.
+
+        With ``slab_voxels`` (eager only) the C_h-channel hidden layer is computed in slabs of about that many
+        voxels and never held whole (:func:`~dkuxnet.models.pixel_mlp.pixel_mlp`; same function and gradients),
+        when the batch has more voxels than one slab (else the slab would be the whole layer).
+        """
+        h = self.pixel_dw(pixels)  # B×C_in×X×Y×Z
+        if slab_voxels is None or h[:, 0].numel() <= slab_voxels or torch.compiler.is_compiling():
+            return self.pixel_out(self.pixel_conv(h))
+        return self.pixel_out.norm(pixel_mlp(h, self.pixel_conv.conv, self.pixel_conv.norm, self.pixel_out.conv, slab_voxels))
 
     def affinity(self, kp: torch.Tensor, qc: torch.Tensor) -> torch.Tensor:
         """M = BN₁(Qcᵀ · L2norm(Kp)) in fp32: Kp B×E×X×Y×Z, Qc B×E×N → B×N×X×Y×Z."""
@@ -251,12 +271,17 @@ class AssignmentHead(nn.Module):
     def forward(self, pixels: torch.Tensor, queries: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
         """Affinity M (B×N×X×Y×Z, fp32) of ``pixels`` (B×C_in×X×Y×Z) to ``queries`` (B×C×N).
 
-        ``checkpoint``: recompute the pixel path and the fp32 affinity in backward, as two segments
-        (only Kp in the compute dtype and the queries are kept).
+        ``checkpoint``: the pixel path, its C_h-channel hidden layer in slabs of :data:`PIXEL_SLAB_VOXELS`
+        voxels, and the fp32 affinity as one segment recomputed in backward: between forward and backward
+        only ``pixels`` and the queries are kept (Kp was kept too while the hidden layer was held whole).
         """
-        kp = maybe_checkpoint(self.pixel_keys, pixels, enabled=checkpoint, module=self)  # B×E×X×Y×Z
         qc = self.query_out(queries)  # B×E×N
-        return maybe_checkpoint(self.affinity, kp, qc, enabled=checkpoint, module=self)
+        if not checkpoint:
+            return self.affinity(self.pixel_keys(pixels), qc)
+        return maybe_checkpoint(self._affinity_in_slabs, pixels, qc, enabled=True, module=self)
+
+    def _affinity_in_slabs(self, pixels: torch.Tensor, qc: torch.Tensor) -> torch.Tensor:
+        return self.affinity(self.pixel_keys(pixels, slab_voxels=PIXEL_SLAB_VOXELS), qc)
 
 
 class QueryAttention(nn.Module):

@@ -1,14 +1,13 @@
-"""What every instrument shares: device synchronisation, timing, peak memory, the device report, TF32 off.
+"""What every instrument shares: device synchronisation, timing, peak memory and the device report.
 
 Only the instruments synchronise (:func:`synchronize`): the training step never does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,13 +75,3 @@ def environment(device: torch.device) -> dict[str, Any]:
         "commit": git_commit(), "date": now(),
     }
 
-
-@contextlib.contextmanager
-def true_fp32() -> Iterator[None]:
-    """TF32 off for matrix products and cuDNN convolutions inside (restored afterwards)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

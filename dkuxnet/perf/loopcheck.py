@@ -14,7 +14,8 @@ import torch
 
 from dkuxnet.data.la import read_case
 from dkuxnet.inference import predict_protocol
-from dkuxnet.perf.core import synchronize, true_fp32
+from dkuxnet.perf.core import synchronize
+from dkuxnet.precision import true_fp32
 
 
 def loop_vs_batched(model: torch.nn.Module, data_dir: Path, case: str, patch: tuple[int, int, int],

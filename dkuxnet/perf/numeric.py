@@ -18,7 +18,7 @@ from dkuxnet.perf.checks import (
     Tolerance, check_config, fixed_batch, fmt_groups, forward_loss, gradients, grouped_errors, relative_error,
     seeded_model, worst,
 )
-from dkuxnet.perf.core import true_fp32
+from dkuxnet.precision import true_fp32
 
 # measured on a 2-core CPU with torch 2.13 (fp32 vs float64, tiny model): worst group 4e-6, loss 5e-8;
 # on CUDA a first guess, to be replaced by a card's measurement
