@@ -16,6 +16,11 @@ A checkpoint is one ``torch.save`` file holding a plain dict (format ``dkuxnet-c
                 volumes_per_batch, cases). ``model`` keeps the training EMA statistics, so a resumed run
                 continues exactly; :func:`model_from_state` loads the recomputed ones by default.
 
+A run spread over several processes (``torchrun``, :mod:`dkuxnet.distributed`) is checkpointed by rank 0; every
+rank holds the same state, so the file names no rank and resumes with any number of processes (with
+``train.sync_batchnorm=False`` the BatchNorm running statistics are rank 0's). ``provenance`` records
+``world_size``.
+
 Only tensors and plain Python values are allowed, so the file loads with
 ``torch.load(weights_only=True)`` (no arbitrary code runs when a checkpoint is opened). Writes go to
 a temporary file in the destination folder, are flushed and fsync'ed, then renamed over the target

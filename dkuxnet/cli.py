@@ -80,13 +80,19 @@ def _train_config(a: argparse.Namespace):
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    from dkuxnet.distributed import is_main, teardown
     from dkuxnet.train import train
 
-    summary = train(
-        _train_config(a), data_dir=Path(a.data_dir), out_dir=Path(a.out), device=a.device,
-        resume=a.resume, progress=not a.quiet,
-    )
-    print(json.dumps(summary))
+    cfg = _train_config(a)
+    if a.no_sync_batchnorm:
+        cfg = cfg.override(**{"train.sync_batchnorm": False})
+    try:
+        summary = train(cfg, data_dir=Path(a.data_dir), out_dir=Path(a.out), device=a.device, resume=a.resume,
+                        progress=not a.quiet)
+        if is_main():  # under torchrun: rank 0 prints
+            print(json.dumps(summary))
+    finally:
+        teardown()
     return 0
 
 
@@ -217,19 +223,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", choices=PRESETS, default="paper")
     m.set_defaults(func=_cmd_model_info)
 
-    t = sub.add_parser("train", help="train one run (resumable)")
+    t = sub.add_parser(
+        "train", help="train one run (resumable)",
+        description="Train one run. Across N GPUs of one machine: torchrun --nproc_per_node=N -m dkuxnet train … "
+        "(each rank trains its share of every batch; rank 0 writes the run folder).",
+    )
     t.add_argument("--preset", choices=PRESETS, default="paper")
     t.add_argument("--label-ratio", type=float, default=None)
     t.add_argument("--labeled-num", type=int, default=None)
     t.add_argument("--data-dir", required=True)
     t.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, config.json)")
     t.add_argument("--max-iterations", type=int, default=None)
-    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    t.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 … (default: cuda if available; under torchrun each rank takes cuda:LOCAL_RANK)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     t.add_argument("--ablation", choices=ABLATIONS, default=None)
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any config field, value parsed as JSON when possible")
+    t.add_argument("--no-sync-batchnorm", action="store_true",
+                   help="under torchrun: per-rank BatchNorm statistics, as DataParallel training (train.sync_batchnorm=false)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 

@@ -120,6 +120,7 @@ class TrainConfig:
     log_every: int = 20  # JSONL metrics line every N iterations (one host sync per N)
     checkpoint_every: int = 500  # atomic checkpoint every N iterations (and at the end)
     bn_recompute_batches: int = 0  # [ours] after training, recompute BN running stats over N weak-view batches; 0 = off
+    sync_batchnorm: bool = True  # under torchrun: BatchNorm statistics of the whole batch (all ranks); False: per rank
 
 
 @dataclass(frozen=True)

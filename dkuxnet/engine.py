@@ -14,6 +14,11 @@ Random streams (all explicit, all saved in checkpoints so a resumed run is bit-i
 * ``device`` — a generator on the run's device for the strong view's noise and the voxel sampling
   of the contrastive losses;
 * the global torch RNG (CPU, and CUDA when used) for model initialisation and V-Net dropout.
+
+Under ``torchrun`` (:func:`build_run` with a ``launch``) every rank holds the same generators, sampler and
+bank, so all ranks draw the same global batch; each keeps its share of the volumes (``Run.shard``), forwards
+it under DDP and minimises its share of the whole-batch loss (:mod:`dkuxnet.distributed`). The run state is
+then the same on every rank, so a checkpoint written by rank 0 resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from torch import Tensor, nn
 
 from dkuxnet.config import Config, TrainConfig
 from dkuxnet.data import TwoStreamSampler, VolumeBank, sample_patches, strong_view
-from dkuxnet.losses import semi_supervised_loss
+from dkuxnet.distributed import (
+    Launch, Shard, data_parallel, first_bad_over_ranks, shard_dropout, sum_over_ranks, sync_batchnorm,
+)
+from dkuxnet.losses import REPLICATED_PARTS, semi_supervised_loss
 from dkuxnet.inference import resolve_device
 from dkuxnet.models import create_model
 from dkuxnet.results import device_name, git_commit, write_json
@@ -54,6 +62,7 @@ class Run:
     first_bad: Tensor | None = None  # first iteration (1-based) with a non-finite loss; -1 = none
     sums: dict[str, Tensor] = field(default_factory=dict)  # loss parts summed over the log window
     window: int = 0  # steps in the current log window
+    shard: Shard | None = None  # this rank's volumes of each batch under torchrun; None: the whole batch
 
 
 def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
@@ -87,7 +96,10 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
 
 
-def build_run(cfg: Config, bank: VolumeBank, n_labeled: int, device: str | torch.device | None = None) -> Run:
+def build_run(
+    cfg: Config, bank: VolumeBank, n_labeled: int, device: str | torch.device | None = None,
+    launch: Launch | None = None,
+) -> Run:
     """Create model, optimiser, sampler and generators for ``cfg`` on data already in ``bank``.
 
     Args:
@@ -95,6 +107,9 @@ def build_run(cfg: Config, bank: VolumeBank, n_labeled: int, device: str | torch
         bank: volumes resident on ``device``: the ``n_labeled`` labeled cases first, then the unlabeled.
         n_labeled: number of labeled cases at the start of ``bank``.
         device: where to train (default: cuda if available).
+        launch: this process's rank in a torchrun job whose process group is up
+            (:func:`dkuxnet.distributed.setup`): the run trains the rank's share of every batch (``Run.shard``)
+            under DDP, with whole-batch BatchNorm statistics when ``train.sync_batchnorm``. None: one process.
     """
     device = resolve_device(device)
     if cfg.train.precision not in ("bf16", "fp32"):
@@ -115,22 +130,30 @@ def build_run(cfg: Config, bank: VolumeBank, n_labeled: int, device: str | torch
     u_bs = effective_unlabeled_bs(cfg)
     if u_bs > 0 and n_unlabeled == 0:
         raise ValueError("data.unlabeled_bs > 0 but the split has no unlabeled cases; set data.unlabeled_bs=0")
+    volumes = cfg.data.labeled_bs + u_bs
+    shard = None if launch is None else Shard(launch.rank, launch.world, volumes, cfg.data.labeled_bs)
     seed = cfg.train.seed
     torch.manual_seed(seed)  # model init (and dropout) use the global RNG
     model = create_model(cfg).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     model.train()
+    forward: nn.Module = model
+    if shard is not None:
+        if cfg.train.sync_batchnorm:
+            sync_batchnorm(model)
+        shard_dropout(model, shard.rank, shard.world)
+        forward = data_parallel(model, device, cfg.train.sync_batchnorm)
     host_gen = torch.Generator().manual_seed(seed)
     device_gen = torch.Generator(device=device).manual_seed(seed + 1)
     sampler = TwoStreamSampler(n_labeled, n_unlabeled, cfg.data.labeled_bs, u_bs, host_gen)
     return Run(
         cfg=cfg, device=device, model=model,
-        forward=torch.compile(model) if cfg.train.compile else model,
+        forward=torch.compile(forward) if cfg.train.compile else forward,
         optimizer=_make_optimizer(model, cfg.train, device), bank=bank, n_labeled=n_labeled,
         sampler=sampler, host_gen=host_gen, device_gen=device_gen,
         step_count=torch.zeros((), dtype=torch.int64, device=device),
-        first_bad=torch.full((), -1, dtype=torch.int64, device=device),
+        first_bad=torch.full((), -1, dtype=torch.int64, device=device), shard=shard,
     )
 
 
@@ -145,7 +168,8 @@ def train_step(run: Run) -> dict[str, Tensor]:
 
     No host sync. Returns the detached loss parts (``loss`` = total, plus the parts of
     :func:`dkuxnet.losses.semi_supervised_loss`) as device tensors; they are also added to
-    ``run.sums`` for the current log window.
+    ``run.sums`` for the current log window. Under torchrun (``run.shard``) every rank draws the global batch,
+    keeps its volumes, and the parts are its shares (:func:`read_window` sums them over ranks).
     """
     cfg = run.cfg
     lab_idx, unl_idx = next(run.sampler)
@@ -154,6 +178,9 @@ def train_step(run: Run) -> dict[str, Tensor]:
     x, y = sample_patches(run.bank, idx, cfg.data.patch_size, run.host_gen)  # B×1×X×Y×Z, B×X×Y×Z
     if cfg.data.views == 2:
         x = torch.cat([x, strong_view(x, cfg.data, run.device_gen)])  # 2B×1×X×Y×Z, view-major
+    labels = y[:n_lab]
+    if run.shard is not None:  # this rank's volumes: views·B/N×1×X×Y×Z, its labeled ones
+        x, labels, n_lab = run.shard.items(x, cfg.data.views), run.shard.labels(labels), run.shard.local_labeled
     if cfg.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     lr = lr_at(cfg.train, run.iteration)
@@ -162,8 +189,8 @@ def train_step(run: Run) -> dict[str, Tensor]:
     with _autocast(run):
         out = run.forward(x)
     loss, parts = semi_supervised_loss(
-        out, y[:n_lab].long(), n_lab, cfg.data.views, cfg.loss, run.iteration,
-        run.model.group_sizes, generator=run.device_gen,
+        out, labels.long(), n_lab, cfg.data.views, cfg.loss, run.iteration,
+        run.model.group_sizes, generator=run.device_gen, shard=run.shard,
     )
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -183,24 +210,32 @@ def train_step(run: Run) -> dict[str, Tensor]:
 def read_window(run: Run) -> tuple[dict[str, float], int]:
     """The one host sync: mean of each loss part over the window, and ``first_bad`` (-1 if none).
 
-    Resets the window.
+    Resets the window. Under torchrun the window sums of all ranks' shares and their earliest ``first_bad``
+    (two all-reduces, on every rank).
     """
     names = list(run.sums)
-    values = torch.stack([run.sums[n].double() for n in names] + [run.first_bad.double()]).tolist()
+    values = torch.stack([run.sums[n].double() for n in names] + [run.first_bad.double()])
+    if run.shard is not None:
+        shares = sum_over_ranks(values[:-1], [n in REPLICATED_PARTS for n in names])
+        values = torch.cat([shares, first_bad_over_ranks(run.first_bad).double().reshape(1)])
+    values = values.tolist()
     means = {n: v / max(run.window, 1) for n, v in zip(names, values)}
     run.sums, run.window = {}, 0
     return means, int(values[-1])
 
 
 def first_bad_iteration(run: Run) -> int:
-    """First 1-based iteration whose loss was non-finite, or -1 (one host sync)."""
-    return int(run.first_bad.item())
+    """First 1-based iteration whose loss was non-finite, or -1 (one host sync; under torchrun over all ranks)."""
+    return int((run.first_bad if run.shard is None else first_bad_over_ranks(run.first_bad)).item())
 
 
 def run_state(run: Run) -> dict[str, Any]:
     """Checkpoint dict (``checkpoint.py`` format) of everything needed to continue exactly.
 
-    The lr schedule needs no state of its own: it is :func:`lr_at` of the config and the iteration.
+    The lr schedule needs no state of its own: it is :func:`lr_at` of the config and the iteration. Under
+    torchrun every rank holds the same state (same generators, sampler, weights, optimiser), so it is not
+    tied to a rank or a number of ranks; only with ``train.sync_batchnorm=False`` are the BatchNorm running
+    statistics rank 0's (each rank's differ, as DataParallel's replicas' do).
     """
     rng = {"host": run.host_gen.get_state(), "device": run.device_gen.get_state(), "torch": torch.get_rng_state()}
     if run.device.type == "cuda":

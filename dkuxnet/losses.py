@@ -7,10 +7,11 @@ fp32 losses. No function calls ``.item()`` or branches on tensor values.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from torch import Tensor
 from dkuxnet.config import ABLATIONS, LossConfig
 from dkuxnet.ops import l2_normalize
 from dkuxnet.precision import fp32_island, upcast
+
+if TYPE_CHECKING:
+    from dkuxnet.distributed import Shard
 
 _EPS = 1e-8  # norm floor of the cosine similarity: a zero vector has cosine 0 with everything
 GRANULARITIES = ("volume", "voxel")
@@ -34,7 +38,12 @@ def _check_seg_inputs(logits: Tensor, target: Tensor) -> None:
         raise ValueError(f"target: shape {tuple(target.shape)} does not match logits {tuple(logits.shape)} (B×K×...)")
 
 
-def dice_ce_loss(logits: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor:
+def _check_total(total: int | None, b: int) -> None:
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < max(b, 1)):
+        raise ValueError(f"total: must be an integer >= the batch's {max(b, 1)} volumes, got {total!r}")
+
+
+def dice_ce_loss(logits: Tensor, target: Tensor, smooth: float = 1e-5, total: int | None = None) -> Tensor:
     r"""Dice + cross-entropy with MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)`` semantics.
 
     .. math::
@@ -44,15 +53,21 @@ def dice_ce_loss(logits: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor
 
     Background included, Dice per (volume, class) then averaged, weights 1 : 1.
 
+    With ``total`` = T the call sees B of the T volumes of a whole batch (one rank's part under torchrun,
+    :mod:`dkuxnet.distributed`) and both means divide by T instead of B: it returns this part's share, and
+    the shares of all parts add up to the whole-batch loss (B = 0 gives 0).
+
     Args:
         logits: B×K×... class logits.
         target: B×... integer labels in [0, K) (not range-checked: that would need a host sync).
         smooth: s, added to numerator and denominator.
+        total: T, volumes of the whole batch (default: B).
 
     Returns:
         0-dim fp32 tensor.
     """
     _check_seg_inputs(logits, target)
+    _check_total(total, logits.shape[0])
     if smooth < 0:
         raise ValueError(f"smooth: must be >= 0, got {smooth}")
     with fp32_island(logits.device):
@@ -62,10 +77,14 @@ def dice_ce_loss(logits: Tensor, target: Tensor, smooth: float = 1e-5) -> Tensor
         g = F.one_hot(y.flatten(1), z.shape[1]).transpose(1, 2).to(z.dtype)  # B×K×V
         inter = (p * g).sum(-1)  # B×K
         dice = 1.0 - (2.0 * inter + smooth) / (p.sum(-1) + g.sum(-1) + smooth)  # B×K
-        return dice.mean() + F.cross_entropy(z, y)
+        if total is None:
+            return dice.mean() + F.cross_entropy(z, y)
+        return dice.sum() / (total * z.shape[1]) + F.cross_entropy(z, y, reduction="sum") / (total * p.shape[2])
 
 
-def uamt_seg_loss(logits: Tensor, target: Tensor) -> Tensor:
+def uamt_seg_loss(
+    logits: Tensor, target: Tensor, total: int | None = None, batch_sum: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     r"""Supervised loss of the LA V-Net repositories (UA-MT ``train_LA.py``): 0.5 (CE + foreground Dice).
 
     .. math::
@@ -76,14 +95,22 @@ def uamt_seg_loss(logits: Tensor, target: Tensor) -> Tensor:
     The Dice sums run over the whole batch (one ratio, not a mean of per-volume ratios), as in UA-MT;
     the foreground is class 1.
 
+    A call that sees B of the T volumes of a whole batch (one rank's part, :mod:`dkuxnet.distributed`) passes
+    ``total`` = T and ``batch_sum``, which sums its three Dice sums over all parts (with gradient); it returns
+    its share :math:`\tfrac12\big(\frac{1}{TV}\sum_{b,v} -\log p_{b,y_{bv},v} + \frac{B}{T}(1 - \mathrm{Dice})\big)`:
+    the shares add up to L, and their gradients to L's.
+
     Args:
         logits: B×K×... class logits, K >= 2.
         target: B×... integer labels.
+        total: T, volumes of the whole batch (default: B).
+        batch_sum: sum over the parts of a 3-vector, with gradient (default: none, this call sees the whole batch).
 
     Returns:
         0-dim fp32 tensor.
     """
     _check_seg_inputs(logits, target)
+    _check_total(total, logits.shape[0])
     if logits.shape[1] < 2:
         raise ValueError(f"logits: need K >= 2 classes for a foreground Dice, got K={logits.shape[1]}")
     with fp32_island(logits.device):
@@ -92,8 +119,14 @@ def uamt_seg_loss(logits: Tensor, target: Tensor) -> Tensor:
         p1 = z.softmax(dim=1)[:, 1]  # B×...
         g = (y == 1).to(z.dtype)  # B×...
         eps = 1e-5
-        dice = 1.0 - (2.0 * (p1 * g).sum() + eps) / ((p1 * p1).sum() + (g * g).sum() + eps)
-        return 0.5 * (F.cross_entropy(z, y) + dice)
+        inter, pp, gg = (p1 * g).sum(), (p1 * p1).sum(), (g * g).sum()
+        if batch_sum is not None:
+            inter, pp, gg = batch_sum(torch.stack([inter, pp, gg])).unbind()  # sums over the whole batch
+        dice = 1.0 - (2.0 * inter + eps) / (pp + gg + eps)
+        if total is None:
+            return 0.5 * (F.cross_entropy(z, y) + dice)
+        voxels = math.prod(y.shape[1:])
+        return 0.5 * (F.cross_entropy(z, y, reduction="sum") / (total * voxels) + dice * (y.shape[0] / total))
 
 
 def label_to_group(label: Tensor, num_groups: int) -> Tensor:
@@ -147,7 +180,10 @@ def grouped_logsumexp(z: Tensor, group_sizes: Sequence[int]) -> Tensor:
     return _GroupedLogSumExp.apply(z, tuple(itertools.accumulate((int(s) for s in group_sizes), initial=0)))
 
 
-def qd_loss(query_logits: Tensor, group_target: Tensor, group_sizes: Sequence[int], reduction: str = "mean") -> Tensor:
+def qd_loss(
+    query_logits: Tensor, group_target: Tensor, group_sizes: Sequence[int], reduction: str = "mean",
+    total: int | None = None,
+) -> Tensor:
     r"""Query-distribution (QD) loss: NLL of the query masses merged into groups (book: method page, "Supervised loss").
 
     .. math::
@@ -159,13 +195,15 @@ def qd_loss(query_logits: Tensor, group_target: Tensor, group_sizes: Sequence[in
     official ``qd = -mean_b(sum_{g,v} onehot * log O)`` (the sum over groups only picks the target group).
     Computed in log space (no log 0), queries grouped by consecutive slices of ``group_sizes``; the total
     :math:`\operatorname{logsumexp}_n` is taken as the logsumexp of the G group values (the same number),
-    so the full-resolution logits are read once (:func:`grouped_logsumexp`).
+    so the full-resolution logits are read once (:func:`grouped_logsumexp`). With ``total`` = T (B of the T
+    volumes of a whole batch, as :func:`dice_ce_loss`) the batch mean divides by T: this part's share.
 
     Args:
         query_logits: B×N×... per-voxel query logits (softmax over N = the assignment S).
         group_target: B×... integer group index in [0, G) (see :func:`label_to_group`).
         group_sizes: G positive sizes summing to N.
         reduction: "mean" or "sum".
+        total: T, volumes of the whole batch (default: B).
 
     Returns:
         0-dim fp32 tensor.
@@ -178,10 +216,14 @@ def qd_loss(query_logits: Tensor, group_target: Tensor, group_sizes: Sequence[in
             f"{tuple(query_logits.shape)} (B×N×...)"
         )
     _check_groups(group_sizes, query_logits.shape[1])
+    _check_total(total, query_logits.shape[0])
     with fp32_island(query_logits.device):
         lse_g = grouped_logsumexp(upcast(query_logits), group_sizes)  # B×G×...
         log_o = lse_g - lse_g.logsumexp(dim=1, keepdim=True)  # B×G×...: log Σ_n e^z = log Σ_g e^(lse_g)
         y = group_target.long()
+        if total is not None:
+            nll = F.nll_loss(log_o, y, reduction="sum")
+            return nll / (total * math.prod(y.shape[1:])) if reduction == "mean" else nll / total
         if reduction == "mean":
             return F.nll_loss(log_o, y)
         return F.nll_loss(log_o, y, reduction="sum") / query_logits.shape[0]
@@ -204,7 +246,8 @@ def downsample_nearest(label: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def deep_supervision_loss(
-    aux: Sequence[Tensor], label: Tensor, group_sizes: Sequence[int], reduction: str = "mean"
+    aux: Sequence[Tensor], label: Tensor, group_sizes: Sequence[int], reduction: str = "mean",
+    total: int | None = None,
 ) -> Tensor:
     r"""Deep supervision of the per-layer kMaX assignments (book: method page, "Supervised loss").
 
@@ -219,6 +262,7 @@ def deep_supervision_loss(
         label: B×X×Y×Z integer labels (raw classes; mapped to groups here).
         group_sizes: G positive sizes summing to N.
         reduction: QD reduction, "mean" or "sum".
+        total: volumes of the whole batch when ``label`` holds only some of them (:func:`qd_loss`); default B.
 
     Returns:
         0-dim fp32 tensor; zero (on ``label``'s device) when ``aux`` is empty.
@@ -230,7 +274,7 @@ def deep_supervision_loss(
     for i, m in enumerate(aux):
         if m.ndim != label.ndim + 1 or m.shape[0] != label.shape[0]:
             raise ValueError(f"aux: layer {i} has shape {tuple(m.shape)}, label {tuple(label.shape)} (B×N×x×y×z)")
-        losses.append(qd_loss(m, downsample_nearest(target, m.shape[2:]), group_sizes, reduction))
+        losses.append(qd_loss(m, downsample_nearest(target, m.shape[2:]), group_sizes, reduction, total))
     return torch.stack(losses).mean()
 
 
@@ -249,6 +293,7 @@ def ntxent_loss(
     num_samples: int = 4096,
     generator: torch.Generator | None = None,
     exclude_same_class: bool = False,
+    volumes: tuple[int, int] | None = None,
 ) -> Tensor:
     r"""NT-Xent between the two views of each volume (book: method page, L_qdc and L_segc).
 
@@ -268,6 +313,9 @@ def ntxent_loss(
     sim is the plain cosine; L is the mean over the B·2M anchors (memory B×2M×2M).
     ``exclude_same_class`` (voxel only) also drops the negatives whose argmax over C equals the anchor's
     (a deviation used for L_segc on class probabilities).
+    ``volumes`` = (first, T) (voxel only): ``x`` holds volumes first … first + B − 1 of a whole batch of T
+    (one rank's part, :mod:`dkuxnet.distributed`); the voxel positions are drawn for all T volumes, as the
+    whole batch draws them, and the result is this part's share: its anchors' mean × B / T.
 
     Args:
         x: (2B)×C×... per-voxel vectors (e.g. query assignment S or class probabilities).
@@ -276,6 +324,7 @@ def ntxent_loss(
         num_samples: M, voxels per volume for granularity="voxel".
         generator: optional torch.Generator on ``x.device`` for the voxel sampling.
         exclude_same_class: drop same-argmax negatives (granularity="voxel" only).
+        volumes: (first, T) of a part of a whole batch (granularity="voxel" only); default: the whole batch.
 
     Returns:
         0-dim fp32 tensor.
@@ -291,8 +340,8 @@ def ntxent_loss(
         z = upcast(x).reshape(n, c, -1)  # 2B×C×V
         v = z.shape[2]
         if granularity == "volume":
-            if exclude_same_class:
-                raise ValueError("exclude_same_class: only defined for granularity='voxel'")
+            if exclude_same_class or volumes is not None:
+                raise ValueError("exclude_same_class, volumes: only defined for granularity='voxel'")
             if b < 2:
                 raise ValueError(f"x: volume-level NT-Xent needs B >= 2 volumes (2B >= 4 items), got {n} items")
             flat = l2_normalize(z, dim=1, eps=_EPS).reshape(n, c * v)  # 2B×(C·V)
@@ -303,8 +352,12 @@ def ntxent_loss(
             raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
         if generator is not None and torch.device(generator.device).type != x.device.type:
             raise ValueError(f"generator: on {generator.device}, x on {x.device}")
+        first, total = (0, b) if volumes is None else volumes
+        if not 0 <= first <= total - b:
+            raise ValueError(f"volumes: (first, total) must hold the {b} volumes of x, got {volumes}")
         m = min(num_samples, v)
-        idx = torch.rand(b, v, generator=generator, device=x.device).topk(m, dim=1).indices  # B×M
+        idx = torch.rand(total, v, generator=generator, device=x.device).topk(m, dim=1).indices  # T×M
+        idx = idx[first:first + b]  # B×M
         zs = z.reshape(2, b, c, v).gather(3, idx.view(1, b, 1, m).expand(2, b, c, m))  # 2×B×C×M
         anchors = F.normalize(zs, dim=2, eps=_EPS).permute(1, 0, 3, 2).reshape(b, 2 * m, c)  # B×2M×C
         sim = anchors @ anchors.transpose(1, 2)  # B×2M×2M
@@ -313,7 +366,8 @@ def ntxent_loss(
             cls = zs.argmax(dim=2).transpose(0, 1).reshape(b, 2 * m)  # B×2M
             pos = mask.roll(m, dims=2)  # B×2M×2M, True at (a, p(a))
             mask = mask | ((cls[:, :, None] == cls[:, None, :]) & ~pos)
-        return _ntxent_rows(sim, tau, mask, m)
+        loss = _ntxent_rows(sim, tau, mask, m)
+        return loss if volumes is None else loss * (b / total)
 
 
 def sigmoid_rampup(iteration: int, length: float = 40.0, every: int = 150) -> float:
@@ -333,6 +387,22 @@ def sigmoid_rampup(iteration: int, length: float = 40.0, every: int = 150) -> fl
     return math.exp(-5.0 * phase * phase)
 
 
+def _ntxent_share(
+    x: Tensor, tau: float, granularity: str, num_samples: int, generator: torch.Generator | None,
+    exclude_same_class: bool, shard: Shard | None,
+) -> Tensor:
+    """:func:`ntxent_loss` of the whole batch (``shard`` None), or this rank's share of it.
+
+    Volume granularity: the NT-Xent of all ranks' items (gathered with gradient), divided by the N ranks;
+    voxel granularity: the rank's volumes with the whole batch's voxel draws.
+    """
+    if shard is None:
+        return ntxent_loss(x, tau, granularity, num_samples, generator, exclude_same_class)
+    if granularity == "volume":
+        return ntxent_loss(shard.gather_items(x, 2), tau, granularity, num_samples, generator) / shard.world
+    return ntxent_loss(x, tau, granularity, num_samples, generator, exclude_same_class, (shard.start, shard.volumes))
+
+
 def _check_loss_config(cfg: LossConfig) -> None:
     for name, value, allowed in (
         ("seg_loss", cfg.seg_loss, SEG_LOSSES),
@@ -346,6 +416,9 @@ def _check_loss_config(cfg: LossConfig) -> None:
             raise ValueError(f"cfg.{name}: expected one of {allowed}, got {value!r}")
 
 
+REPLICATED_PARTS = ("ramp",)  # parts of semi_supervised_loss that every rank holds whole (the others are shares)
+
+
 def semi_supervised_loss(
     out: Any,
     labels: Tensor,
@@ -355,6 +428,7 @@ def semi_supervised_loss(
     iteration: int,
     group_sizes: Sequence[int],
     generator: torch.Generator | None = None,
+    shard: Shard | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     r"""Total objective (the book's method page, "Total objective and schedule").
 
@@ -371,6 +445,13 @@ def semi_supervised_loss(
     views. ``cfg.ablation``: "seg" → L_seg only; "qdc" / "segc" → one consistency term; "all" → both.
     Consistency terms are off when ``views == 1`` or their λ is 0. r(t) = :func:`sigmoid_rampup`.
 
+    With ``shard`` (a :class:`~dkuxnet.distributed.Shard`: one rank's volumes of a batch split over ranks) the
+    outputs and labels are the rank's items and the result is its share ℓ_r of the whole-batch loss,
+    Σ_r ℓ_r = L: the supervised means divide by the whole batch's labeled count (``total``), the volume-level
+    NT-Xent is computed from the items of all ranks (:meth:`~dkuxnet.distributed.Shard.gather_items`, with
+    gradient) and counted 1/N on each of the N ranks, the voxel-level one is per volume
+    (``ntxent_loss(volumes=…)``). The parts are shares too, except ``ramp``.
+
     Args:
         out: model output with ``seg_logits`` (views·(n_lab + n_unlab))×K×..., ``query_logits`` and
             ``query_probs`` ×N×... or None, ``aux`` list of ×N×x×y×z; view-major
@@ -382,6 +463,7 @@ def semi_supervised_loss(
         iteration: training iteration (for the ramp).
         group_sizes: query group sizes (empty for V-Net).
         generator: device generator for voxel-granularity sampling.
+        shard: this rank's part of a batch split over ranks; None: the whole batch (``n_labeled`` >= 1).
 
     Returns:
         ``(total, parts)``; ``parts`` holds detached 0-dim fp32 tensors ``total``, ``seg`` (L_seg with its
@@ -395,13 +477,18 @@ def semi_supervised_loss(
     if seg.ndim < 3 or seg.shape[0] % views:
         raise ValueError(f"out.seg_logits: batch {tuple(seg.shape)} is not views={views} × items")
     items = seg.shape[0] // views
-    if not 1 <= n_labeled <= items:
-        raise ValueError(f"n_labeled: must be in [1, {items}] (items per view), got {n_labeled}")
+    least = 1 if shard is None else 0
+    if not least <= n_labeled <= items:
+        raise ValueError(f"n_labeled: must be in [{least}, {items}] (items per view), got {n_labeled}")
     if labels.shape != (n_labeled,) + seg.shape[2:]:
         raise ValueError(f"labels: shape {tuple(labels.shape)}, expected {(n_labeled,) + tuple(seg.shape[2:])}")
     zero = seg.new_zeros((), dtype=torch.float32)
+    total = None if shard is None else shard.labeled  # labeled volumes per view of the whole batch
     with fp32_island(seg.device):
-        seg_fn = dice_ce_loss if cfg.seg_loss == "dice_ce" else uamt_seg_loss
+        if cfg.seg_loss == "dice_ce":
+            seg_fn = functools.partial(dice_ce_loss, total=total)
+        else:
+            seg_fn = functools.partial(uamt_seg_loss, total=total, batch_sum=None if shard is None else shard.all_sum)
         use_qd = len(group_sizes) > 0 and out.query_logits is not None and cfg.lambda_qd != 0
         use_ds = len(group_sizes) > 0 and len(out.aux) > 0 and cfg.lambda_ds != 0
         group_target = label_to_group(labels, len(group_sizes)) if use_qd else labels
@@ -410,10 +497,10 @@ def semi_supervised_loss(
             lab = slice(view * items, view * items + n_labeled)
             dice_ce = dice_ce + seg_fn(seg[lab], labels) / views
             if use_qd:
-                qd = qd + qd_loss(out.query_logits[lab], group_target, group_sizes, cfg.qd_reduction) / views
+                qd = qd + qd_loss(out.query_logits[lab], group_target, group_sizes, cfg.qd_reduction, total) / views
             if use_ds:
                 aux = [m[lab] for m in out.aux]
-                ds = ds + deep_supervision_loss(aux, labels, group_sizes, cfg.qd_reduction) / views
+                ds = ds + deep_supervision_loss(aux, labels, group_sizes, cfg.qd_reduction, total) / views
         l_seg = dice_ce + cfg.lambda_qd * qd + cfg.lambda_ds * ds
 
         qdc, segc = zero, zero
@@ -422,11 +509,11 @@ def semi_supervised_loss(
             source = getattr(out, cfg.qdc_on)
             if source is None:
                 raise ValueError(f"cfg.ablation: {cfg.ablation!r} with lambda_qdc > 0 needs out.{cfg.qdc_on}")
-            qdc = ntxent_loss(source, cfg.tau, cfg.qdc_granularity, cfg.voxel_samples, generator)
+            qdc = _ntxent_share(source, cfg.tau, cfg.qdc_granularity, cfg.voxel_samples, generator, False, shard)
         if views == 2 and cfg.ablation in ("segc", "all") and cfg.lambda_segc != 0:
             probs = upcast(seg).softmax(dim=1)  # 2B×K×...
             voxel = cfg.segc_granularity == "voxel"
-            segc = ntxent_loss(probs, cfg.tau, cfg.segc_granularity, cfg.voxel_samples, generator, voxel)
+            segc = _ntxent_share(probs, cfg.tau, cfg.segc_granularity, cfg.voxel_samples, generator, voxel, shard)
         total = l_seg + ramp * (cfg.lambda_qdc * qdc + cfg.lambda_segc * segc)
     parts = {"total": total, "seg": l_seg, "dice_ce": dice_ce, "qd": qd, "ds": ds, "qdc": qdc, "segc": segc}
     parts = {k: v.detach() for k, v in parts.items()}

@@ -27,6 +27,12 @@ generator seeded with ``seed``; the weak view only. With ``model.two_networks`` 
 it trains on: the first the weak view, the second the strong view (:func:`~dkuxnet.data.strong_view`, from a
 generator on the run's device seeded with ``seed + 1``). Only the BatchNorm layers are in training mode
 (dropout off); there is no gradient, so activation checkpointing is bypassed.
+
+Under torchrun the recomputation runs on **all ranks**: every rank draws the same batches and forwards its
+share of the volumes (``run.shard``), and with ``train.sync_batchnorm`` (the default) the BatchNorm layers
+take the statistics of the whole batch, so every rank ends with the statistics one process computes (up to
+float summation order) and rank 0 saves them; the work is split like training's. With
+``train.sync_batchnorm=False`` each rank averages its own shares' statistics and rank 0's are saved.
 """
 
 from __future__ import annotations
@@ -112,6 +118,11 @@ def _weak_views(run: Run, batches: int, seed: int) -> Iterator[Tensor]:
         yield x.contiguous(memory_format=torch.channels_last_3d) if cfg.train.channels_last else x
 
 
+def _own(run: Run, x: Tensor) -> Tensor:
+    """This rank's volumes of a batch every rank drew (all of them in one process): B×… → B/N×…."""
+    return x if run.shard is None else run.shard.items(x, 1)
+
+
 def _cases_used(run: Run) -> int:
     return run.n_labeled + (len(run.bank) - run.n_labeled if effective_unlabeled_bs(run.cfg) > 0 else 0)
 
@@ -122,6 +133,7 @@ def recompute_bn_stats(run: Run, batches: int, seed: int) -> dict[str, Any]:
     running_mean = (1/N)·Σ_k μ_k and running_var = (1/N)·Σ_k s²_k (s²_k the unbiased variance of batch k),
     num_batches_tracked = N (see the module docstring). Runs the eager ``run.model`` without gradients, the
     BatchNorm layers in training mode and the rest in eval mode, with the training autocast (bf16 on CUDA).
+    Under torchrun every rank calls it and forwards its share of each batch (module docstring).
     Afterwards every layer's momentum and the model's train / eval modes are as before; the run's generators,
     sampler and the global RNG are untouched. The model keeps the recomputed statistics.
 
@@ -143,10 +155,10 @@ def recompute_bn_stats(run: Run, batches: int, seed: int) -> dict[str, Any]:
     with torch.no_grad(), _batchnorm_only_training(model), _autocast(run):
         for x in _weak_views(run, batches, seed):
             if cfg.model.two_networks:
-                model.first(x)
-                model.second(strong_view(x, cfg.data, strong_gen))
+                model.first(_own(run, x))
+                model.second(_own(run, strong_view(x, cfg.data, strong_gen)))
             else:
-                model(x)
+                model(_own(run, x))
     return {"batches": batches, "seed": seed, "volumes_per_batch": cfg.data.labeled_bs + effective_unlabeled_bs(cfg),
             "cases": _cases_used(run)}
 

@@ -35,6 +35,12 @@ continues exactly) and ``bn_recomputed`` with the recomputed ones and their reco
 again to the same ``max_iterations`` keeps the stored statistics; resuming it to a larger one drops them
 and recomputes at the new end.
 
+One run across several GPUs: ``torchrun --nproc_per_node=N -m dkuxnet train …`` (:mod:`dkuxnet.distributed`).
+Every rank trains its share of each batch and computes what one process computes; rank 0 alone writes the
+run folder (``config.json``, ``metrics.jsonl``, ``last.pt``, ``summary.json``) and shows progress, the others
+take part in every log and checkpoint (they agree on the non-finite guard). A Ctrl-C is honoured at the next
+log iteration, where the ranks agree on it. ``last.pt`` holds no rank-specific state: resume with any N.
+
 Host syncs happen only at log and checkpoint iterations. A non-finite loss trips a device-side
 flag; the next sync raises :class:`~dkuxnet.errors.NonFiniteLossError` and no checkpoint is ever
 written after a non-finite step, so ``last.pt`` stays the last good one. The first Ctrl-C finishes
@@ -58,6 +64,7 @@ from tqdm.auto import tqdm
 from dkuxnet.checkpoint import load_checkpoint, save_checkpoint
 from dkuxnet.config import Config, get_preset
 from dkuxnet.data import VolumeBank, make_split
+from dkuxnet.distributed import any_rank, is_main, setup
 from dkuxnet.engine import (
     Run, build_run, configure_backends, device_name, effective_unlabeled_bs, first_bad_iteration, git_commit,
     load_run_state, lr_at, read_window, resolve_device, run_state, schedule_state, train_step,
@@ -177,6 +184,7 @@ class _Session:
         self.t0 = self.t_window = time.perf_counter()
         self.start_iteration = self.window_start = run.iteration
         self.commit = git_commit()
+        self.main = is_main()  # rank 0 (or the one process) writes the run folder
 
     def wall(self) -> float:
         return self.prior_wall + time.perf_counter() - self.t0
@@ -202,8 +210,9 @@ class _Session:
         row["elapsed_s"] = self.wall()
         if run.device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.main:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         if first_bad >= 0:
             self._raise_non_finite(first_bad)
         self.t_window, self.window_start = now, run.iteration
@@ -214,18 +223,20 @@ class _Session:
         first_bad = first_bad_iteration(self.run)
         if first_bad >= 0:
             self._raise_non_finite(first_bad)
+        self.last_saved = self.run.iteration
+        if not self.main:
+            return
         cfg = self.run.cfg
         state = run_state(self.run)
         state["provenance"] = {
             "commit": self.commit, "device": device_name(self.run.device), "torch": torch.__version__,
             "date": _now(), "started": self.started, "wall_s": self.wall(), "seed": cfg.train.seed,
             "preset": cfg.preset, "schedule": schedule_state(cfg.train, self.run.iteration),
-            "host": host(), "job_id": job_id(),
+            "host": host(), "job_id": job_id(), "world_size": 1 if self.run.shard is None else self.run.shard.world,
         }
         if self.bn_recomputed is not None:
             state["bn_recomputed"] = self.bn_recomputed
         save_checkpoint(self.ckpt_path, state)
-        self.last_saved = self.run.iteration
 
 
 def _now() -> str:
@@ -246,19 +257,22 @@ def train(
         cfg: the run's configuration (``train.max_iterations`` may differ from a resumed checkpoint's).
         data_dir: LA-layout data folder (``make_split`` picks labeled / unlabeled cases).
         out_dir: run folder; created if missing. Holding a ``last.pt`` requires ``resume=True``.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``… (default: cuda if available).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``… (default: cuda if available). Under torchrun
+            (its environment variables set, more than one rank) ``"cuda"`` means ``cuda:LOCAL_RANK``.
         resume: continue exactly from ``out_dir/last.pt`` (same data stream and random streams).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (rank 0 only).
 
     Returns:
-        The summary also written to ``out_dir/summary.json``.
+        The summary also written to ``out_dir/summary.json`` (by rank 0; every rank returns it).
 
     Raises:
         CheckpointError: ``last.pt`` exists without ``resume``, is missing / invalid with ``resume``,
             or the config differs from the checkpoint's in a field other than ``train.max_iterations``.
         NonFiniteLossError: the loss became NaN/inf (``last.pt`` keeps the last good state).
     """
-    device = resolve_device(device)
+    device, launch = setup(resolve_device(device))  # joins the torchrun process group, if any
+    main = is_main()
+    progress = progress and main
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "last.pt"
     if cfg.train.max_iterations < 1 or cfg.train.log_every < 1 or cfg.train.checkpoint_every < 1:
@@ -273,19 +287,22 @@ def train(
             f"or choose another output folder"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "config.json", cfg.to_dict())
+    if main:
+        write_json(out_dir / "config.json", cfg.to_dict())
     configure_backends(cfg.train, device)
     bank, n_labeled = load_training_data(cfg, data_dir, device, progress)
-    run = build_run(cfg, bank, n_labeled, device)
+    run = build_run(cfg, bank, n_labeled, device, launch)
     metrics_path = out_dir / "metrics.jsonl"
     if ckpt is not None:
         load_run_state(run, ckpt)
-        _truncate_metrics(metrics_path, run.iteration)
+        if main:
+            _truncate_metrics(metrics_path, run.iteration)
         prov = ckpt.get("provenance", {})
         session = _Session(run, out_dir, float(prov.get("wall_s", 0.0)), prov.get("started", _now()), run.iteration,
                            _carried_bn_stats(ckpt, cfg))
     else:
-        metrics_path.write_text("")
+        if main:
+            metrics_path.write_text("")
         session = _Session(run, out_dir, 0.0, _now(), None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -321,14 +338,23 @@ def _loop(session: _Session, progress: bool) -> None:
             train_step(run)
             bar.update(1)
             it = run.iteration
-            if it % tcfg.log_every == 0 or it == total:
+            logged = it % tcfg.log_every == 0 or it == total
+            if logged:
                 row = session.log()
                 bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['it_s']:.2f}")
-            if interrupt.requested:
+            if _interrupted(run, interrupt, logged):
                 session.save()
                 raise KeyboardInterrupt
             if it % tcfg.checkpoint_every == 0 or it == total:
                 session.save()
+
+
+def _interrupted(run: Run, interrupt: _GracefulInterrupt, logged: bool) -> bool:
+    """Whether to stop after this step: at once in one process; under torchrun only at a log iteration,
+    when some rank was interrupted (all ranks agree there, so they stop after the same step)."""
+    if run.shard is None:
+        return interrupt.requested
+    return logged and any_rank(interrupt.requested, run.device)
 
 
 def _write_summary(session: _Session) -> dict[str, Any]:
@@ -345,6 +371,7 @@ def _write_summary(session: _Session) -> dict[str, Any]:
         "ms_per_step": 1000 * loop_s / steps if steps else None,
         "final": final,
         "device": device_name(run.device),
+        "world_size": 1 if run.shard is None else run.shard.world,  # processes (torchrun ranks), one device each
         "peak_gib": torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None,
         "torch": torch.__version__,
         "commit": session.commit,
@@ -354,5 +381,6 @@ def _write_summary(session: _Session) -> dict[str, Any]:
         "bn_stats": {"recomputed": session.bn_recomputed["record"] if session.bn_recomputed else None},
         "config": cfg.to_dict(),
     }
-    write_json(session.out_dir / "summary.json", summary)
+    if session.main:
+        write_json(session.out_dir / "summary.json", summary)
     return summary
