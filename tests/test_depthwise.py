@@ -109,3 +109,32 @@ def test_old_configs_with_depthwise_layout_still_load():
     d["model"]["depthwise_layout"] = d["model"].pop("depthwise_conv")
     d["model"]["depthwise_layout"] = "channels_last"
     assert Config.from_dict(d).model.depthwise_conv == "channels_last"
+
+
+@pytest.mark.parametrize("k", (3, 7))
+def test_fft_function_under_cpu_bf16_autocast_matches_native(k):
+    """Under CPU bf16 autocast both paths compute y = bf16(x) ⋆ bf16(w) + bf16(b) in bf16.
+
+    Output and all gradients within 2⁻⁷ (one bf16 epsilon) of ``native``'s, relative to the largest entry;
+    the fft's ∂L/∂w and ∂L/∂b (fp32, not rounded to bf16 as native's are) within 1e-5 of the float64
+    gradient of that same bf16-rounded function.
+    """
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(2, 4, 9, 8, 7, generator=gen)
+    grad = torch.randn(2, 4, 9, 8, 7, generator=gen).bfloat16()
+    got = {}
+    for impl in ("native", "fft"):
+        torch.manual_seed(0)  # the same weights for both
+        conv = DepthwiseConv3d(4, k, impl=impl)
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(xs)
+        y.backward(grad)
+        assert y.dtype == torch.bfloat16 and xs.grad.dtype == conv.weight.grad.dtype == torch.float32
+        got[impl] = (y.detach(), xs.grad, conv.weight.grad, conv.bias.grad)
+    for name, a, b in zip(("output", "grad x", "grad w", "grad b"), got["fft"], got["native"]):
+        assert (a.double() - b.double()).abs().max() <= 2**-7 * b.double().abs().max(), name
+    w, b = (p.detach().bfloat16().double() for p in (conv.weight, conv.bias))
+    want = _autograd_reference(x.bfloat16().double(), w, b, grad.double())
+    for name, g, r in zip(("grad w", "grad b"), got["fft"][2:], want[2:]):
+        assert (g.double() - r).abs().max() <= 1e-5 * r.abs().max(), name

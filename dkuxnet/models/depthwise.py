@@ -21,10 +21,17 @@ The ``"fft"`` backward, for y = x ⋆ w + b (cross-correlation, per channel c, z
 
 Forward and input gradient run in ``channels_last_3d`` (oneDNN's fast depthwise kernel on the CPU).
 The output equals ``F.conv3d`` to rounding; the test suite checks gradients against autograd's.
+
+Under autocast (CPU or CUDA, bf16 or fp16) the forward's ``F.conv3d`` runs in the autocast dtype d, as
+the ``"native"`` path does: y = cast_d(x) ⋆ cast_d(w) + cast_d(b). The backward is the exact gradient of
+that function, whatever the autocast state it runs in: ∂L/∂x = cast_d(∂L/∂y) ⋆ flip(cast_d(w)) in d
+(as PyTorch's own conv backward), ∂L/∂w from cast_d(x) by the fp32 FFT and ∂L/∂b summed in fp32 (both
+rounded once, to the parameter's dtype); each gradient is returned in its input's dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -46,6 +53,13 @@ def resolve_depthwise(impl: str, device: torch.device) -> str:
 
 def _cl(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device`` (a no-op where autocast does not exist): the backward's dtypes are explicit."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def weight_grad_fft(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -70,22 +84,26 @@ class DepthwiseConv3dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k = weight.shape[-1]
+        y = F.conv3d(_cl(x), weight, bias, padding=k // 2, groups=weight.shape[0])  # in autocast's dtype if on
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.conv3d(_cl(x), weight, bias, padding=k // 2, groups=weight.shape[0])
+        ctx.compute_dtype = y.dtype  # d: the dtype the convolution ran in
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        k, c = weight.shape[-1], weight.shape[0]
+        k, c, d = weight.shape[-1], weight.shape[0], ctx.compute_dtype
+        g = grad_out.to(d)  # B×C×X×Y×Z
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv3d(_cl(grad_out), weight.flip(2, 3, 4), padding=k // 2, groups=c)
-        if ctx.needs_input_grad[1]:
-            grad_w = weight_grad_fft(x, grad_out, k).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum((0, 2, 3, 4))
+        with _autocast_off(g.device):
+            if ctx.needs_input_grad[0]:
+                grad_x = F.conv3d(_cl(g), weight.to(d).flip(2, 3, 4), padding=k // 2, groups=c).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = weight_grad_fft(x.to(d), g, k).to(weight.dtype)  # C×1×k×k×k
+            if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_b = g.sum((0, 2, 3, 4), dtype=torch.promote_types(d, torch.float32)).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b
 
 

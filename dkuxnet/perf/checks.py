@@ -86,16 +86,11 @@ def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_config(device: torch.device, **changes: Any) -> Config:
-    """The ``tiny`` preset at :data:`CHECK_PATCH`, 1 + 1 volumes per view, volume-level consistency losses.
-
-    On the CPU the depthwise convolutions take the GPU's path (``native``): CPU training is always fp32,
-    and the CPU's fast path has no bf16 backward. ``changes`` (dotted) come last.
-    """
+    """The ``tiny`` preset at :data:`CHECK_PATCH`, 1 + 1 volumes per view, volume-level consistency losses;
+    ``changes`` (dotted) come last. The depthwise convolutions take the run's own path (``auto``)."""
     base = {"data.patch_size": CHECK_PATCH, "data.labeled_bs": 1, "data.unlabeled_bs": 1,
             "loss.qdc_granularity": "volume", "loss.segc_granularity": "volume",
             "model.checkpoint_activations": False}
-    if device.type == "cpu":
-        base["model.depthwise_conv"] = "native"
     return get_preset("tiny").override(**{**base, **changes})
 
 

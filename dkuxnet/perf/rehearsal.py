@@ -17,7 +17,7 @@ from dkuxnet.perf.checks import (
 from dkuxnet.perf.hostsync import conversions_in_step, cuda_syncs_in_step
 
 # measured on a 2-core CPU with torch 2.13: checkpointed vs plain gradients 0 (bit-equal), bf16 vs fp32 loss
-# 4e-5, the optimiser's update vs torch's single-tensor reference 0 to 1e-7
+# 6e-5 (depthwise auto, i.e. the FFT function), the optimiser's update vs torch's single-tensor reference 0 to 1e-7
 CHECKPOINT_TOLERANCE = Tolerance("gradient checkpointed vs plain, worst group", 1e-5, ("cpu",))
 BF16_LOSS_TOLERANCE = Tolerance("loss bf16 autocast vs fp32, relative", 5e-3, ("cpu",))
 OPTIMIZER_TOLERANCE = Tolerance("optimiser update vs torch's reference, relative", 1e-5, ("cpu",))
@@ -94,7 +94,8 @@ def check_bf16(device: torch.device) -> dict:
 
     Checks: the model's outputs are fp32 (its fp32 islands end the bf16 region), the statistics reductions
     (``var_mean``, ``var``, ``std``) ran in fp32, the BatchNorm running statistics and the gradients stay
-    fp32 and finite, and the loss is within :data:`BF16_LOSS_TOLERANCE` of the fp32 loss.
+    fp32 and finite, and the loss is within :data:`BF16_LOSS_TOLERANCE` of the fp32 loss. The depthwise
+    convolutions take the run's own path (``auto``: the FFT function on the CPU, ``native`` on CUDA).
     """
     cfg = check_config(device)
     model = seeded_model(cfg, device)
