@@ -50,8 +50,8 @@ SMOKE_TINY_CHANGES = (
     ("data.patch_size", (32, 32, 32)), ("data.labeled_bs", 1), ("data.unlabeled_bs", 1), ("train.lr", 0.01),
 )
 SMOKE_NOTE = (
-    "synthetic phantom, tiny preset (32³ patches, batch 1 + 1, lr 0.01), {device}, shortened schedule — "
-    "not comparable to the paper"
+    "synthetic phantom, tiny preset (32³ patches, batch 1 + 1, lr 0.01), {device}, "
+    f"a {SMOKE_ITERATIONS}-iteration test schedule (the tiny preset's own) — not comparable to the paper"
 )
 # Colab changes to the paper preset, the smallest we found that fits a 16 GB card (tools/memprobe.py estimates
 # in results/perf/memprobe_cpu.json). Other presets run as they are (the V-Net fits; official and

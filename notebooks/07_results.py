@@ -163,8 +163,9 @@ if not logs:
 # ## 3. The runs of this build
 #
 # Runs that the notebooks before this one made in this build (run folders next to this
-# notebook's `run_dir`). In the smoke profile they are **synthetic phantom, tiny preset, CPU,
-# shortened schedule — not comparable to the paper**, and they are never put beside the paper's rows.
+# notebook's `run_dir`). In the smoke profile they are **synthetic phantom, tiny preset, CPU, a
+# 40-iteration test schedule (the tiny preset's own, hence "full" in the table) — not comparable to the
+# paper**, and they are never put beside the paper's rows.
 
 # %%
 build_runs = sorted(settings.run_dir.parent.glob("**/eval/summary.json"))

@@ -505,6 +505,8 @@ def test_long_code_lines_wrap() -> None:
     config = (ROOT / "_config.yml").read_text()
     assert '"book/css"' in config and 'html_css_files: ["wrap.css"]' in config
     assert "white-space: pre-wrap" in (ROOT / "book" / "css" / "wrap.css").read_text()
+    assert re.search(r"div\.cell_output table \{[^}]*overflow-x: auto", (ROOT / "book" / "css" / "wrap.css").read_text()), (
+        "wide output tables must scroll, not be cut off")
 
 
 @built

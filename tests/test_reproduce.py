@@ -282,3 +282,12 @@ def test_colab_falls_back_where_it_cannot_train(monkeypatch):
     monkeypatch.setattr(reproduce, "_card", lambda: ("NVIDIA A100-SXM4-40GB", True))
     s = reproduce.resolve_profile("colab", data_dir="/data/LA")
     assert s.profile == "colab" and s.colab and s.fallback == ""
+
+
+def test_smoke_note_agrees_with_the_schedule_column() -> None:
+    """The smoke runs' note and their table's ``schedule`` column say the same: the tiny preset's own schedule."""
+    from dkuxnet.reproduce import SMOKE_ITERATIONS, SMOKE_NOTE
+    from dkuxnet.results import schedule_label
+
+    assert schedule_label(SMOKE_ITERATIONS, "tiny") == "full"
+    assert "shortened" not in SMOKE_NOTE and f"{SMOKE_ITERATIONS}-iteration" in SMOKE_NOTE
