@@ -158,8 +158,9 @@ def isosurface_figure(
 
 
 def _scene(fig: Any, title: str) -> Any:
+    text, top = wrap_title(title, width=70)  # 70: the title stays clear of a case picker's dropdown
     fig.update_layout(
-        title=title, scene={"aspectmode": "data"}, margin={"l": 0, "r": 0, "t": 40, "b": 0}, height=500,
+        title=text, scene={"aspectmode": "data"}, margin={"l": 0, "r": 0, "t": top, "b": 0}, height=460 + top,
         legend={"x": 0.0, "y": 1.0, "bgcolor": "rgba(255, 255, 255, 0.6)"},  # clear of the colour bar
     )
     return fig

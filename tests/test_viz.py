@@ -462,3 +462,12 @@ def test_wrap_title_keeps_every_word_and_sizes_the_margin():
     assert fig.layout.margin.t >= 40 + 22 * 2 and "<br><sub>" in fig.layout.title.text
     with pytest.raises(ValueError, match="width"):
         viz.wrap_title("t", width=3)
+
+
+def test_3d_titles_wrap():
+    gt = np.zeros((8, 8, 8), bool)
+    gt[2:6, 2:6, 2:6] = True
+    long = "UPT6DX9IQY9JAZ7HJKA7: Dice 69.5 % — real LA, trained at ½ resolution on 2 CPU cores, 900 iterations"
+    fig = viz.comparison_figure(gt, gt, title=long)
+    assert "<br>" in fig.layout.title.text and fig.layout.margin.t > 62
+    assert fig.layout.title.text.replace("<br>", " ") == long
