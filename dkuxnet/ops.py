@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from dkuxnet.batch_stats import batch_sums, input_moments, spans_batch, update_running, whole_batch_input_grad
+
 
 class _L2Normalize(torch.autograd.Function):
     @staticmethod
@@ -47,12 +49,22 @@ def l2_normalize(x: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Ten
 class _BatchNormGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
-                running_var: torch.Tensor | None, batch_stats: bool, momentum: float, eps: float) -> torch.Tensor:
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, batch_stats, momentum, eps)
+                running_var: torch.Tensor | None, batch_stats: bool, momentum: float, eps: float,
+                norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+        whole = batch_stats and spans_batch(norm)  # statistics of a batch beyond x (all ranks'): one more pass
+        if whole:
+            mean, var, count = input_moments(norm, x, (0, *range(2, x.dim())))  # C each
+            if running_mean is not None:
+                update_running(norm, mean, var, count, momentum)
+            y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+            invstd = torch.rsqrt(var + eps)
+        else:
+            y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, batch_stats,
+                                                      momentum, eps)
         if not batch_stats:  # eval: the running statistics normalise
             mean, invstd = running_mean.clone(), torch.rsqrt(running_var + eps)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.batch_stats, ctx.eps = batch_stats, eps
+        ctx.batch_stats, ctx.eps, ctx.whole = batch_stats, eps, (norm, count) if whole else None
         return torch.ops.aten.gelu_(y)  # in place: no second full-size tensor in forward either
 
     @staticmethod
@@ -63,10 +75,18 @@ class _BatchNormGelu(torch.autograd.Function):
         y = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, ctx.eps)[0]  # the forward's BN output
         dy = torch.ops.aten.gelu_backward(dout, y)
         del y
+        if ctx.whole is None:
+            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+                dy, x, weight, mean, var, mean, invstd, ctx.batch_stats, ctx.eps, list(ctx.needs_input_grad[:3])
+            )
+            return dx, dw, db, None, None, None, None, None, None
+        # whole batch: the eval-mode kernel gives γr·dy and this input's Σdy·x̂, Σdy; the batch's sums complete dx
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dy, x, weight, mean, var, mean, invstd, ctx.batch_stats, ctx.eps, list(ctx.needs_input_grad[:3])
+            dy, x, weight, mean, var, mean, invstd, False, ctx.eps, [True, True, True]
         )
-        return dx, dw, db, None, None, None, None, None
+        norm, count = ctx.whole
+        dx = whole_batch_input_grad(dx, x, weight, mean, invstd, batch_sums(norm, torch.stack([db, dw])), count)
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def batch_norm_gelu(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
@@ -79,7 +99,9 @@ def batch_norm_gelu(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> t
     Autograd of the two modules keeps two full-size tensors until backward, the BatchNorm input and its
     output (GELU's input); this keeps the input and, in backward, recomputes the normalised value with
     the saved per-channel statistics, then applies ``gelu_backward`` and ``native_batch_norm_backward``:
-    the same kernels as autograd of the two modules. Not twice differentiable.
+    the same kernels as autograd of the two modules. Not twice differentiable. A norm whose batch spans more
+    than ``x`` (:func:`~dkuxnet.batch_stats.spans_batch`, the synced norms of a torchrun job) normalises with
+    the whole batch's statistics and backpropagates with its gradient sums (:mod:`dkuxnet.batch_stats`).
     """
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not norm.affine:
         raise TypeError(f"norm: expected an affine BatchNorm module, got {type(norm).__name__}")
@@ -93,5 +115,5 @@ def batch_norm_gelu(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> t
     track = not norm.training or norm.track_running_stats
     return _BatchNormGelu.apply(
         x, norm.weight, norm.bias, norm.running_mean if track else None, norm.running_var if track else None,
-        batch_stats, factor, norm.eps,
+        batch_stats, factor, norm.eps, norm,
     )

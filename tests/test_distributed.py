@@ -8,8 +8,10 @@ Tolerances. The 2-rank run sums in another order (per-rank partial sums, all-red
 turn the noise in mathematically zero gradients (a conv bias before a BatchNorm) into ±lr steps. The kMaX
 hard argmax can flip a voxel whose two best queries tie within that noise; the flip moves that voxel's
 value between two k-means centres, which shifts the k-means BatchNorm variances by up to ≈ 1e-3 relative
-(measured: 9e-4 after 3 steps) but not the outputs (the k-means projection starts at γ = 0). Hence: losses
-rtol 1e-5; weights atol 1e-5; running variances rtol 2e-3; running means 1e-4 of their channel's std.
+(measured after 3 steps: 9e-4, and 4e-3 with another summation order in the synced BatchNorm kernels, where
+the third step, in one process from the 2-rank weights, flips a voxel) but not the outputs (the k-means
+projection starts at γ = 0); every other running variance agrees within 5e-5. Hence: losses rtol 1e-5;
+weights atol 1e-5; running variances rtol 1e-2; running means 1e-4 of their channel's std.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dkuxnet.distributed import (
 )
 from dkuxnet.losses import dice_ce_loss, ntxent_loss, qd_loss, uamt_seg_loss
 from dkuxnet.models import create_model
-from dkuxnet.models.kmax import ScalarBatchNorm
+from dkuxnet.models.kmax import AssignmentHead, ScalarBatchNorm
 from dkuxnet.train import train
 
 STEPS = 2
@@ -54,6 +56,69 @@ def _worker(rank: int, world: int, port: int, root: str, runs: list[tuple[str, d
     for out, changes in runs:
         train(_cfg(**changes), Path(root), Path(out), device="cpu", progress=False)
     teardown()
+
+
+def _head_batch() -> tuple[AssignmentHead, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float64 assignment head and a batch of 4 whose halves differ in mean and spread: pixels 4×3×5×4×3,
+    queries 4×6×5, and the upstream gradient of the affinity 4×5×5×4×3."""
+    torch.manual_seed(11)
+    head = AssignmentHead(3, 6, 4).double()
+    gen = torch.Generator().manual_seed(12)
+    pixels = torch.randn(4, 3, 5, 4, 3, dtype=torch.float64, generator=gen)
+    pixels[2:] = 3 * pixels[2:] + 2  # the second rank's volumes: other statistics
+    queries = torch.randn(4, 6, 5, dtype=torch.float64, generator=gen)
+    return head, pixels, queries, torch.randn(4, 5, 5, 4, 3, dtype=torch.float64, generator=gen)
+
+
+def _affinity(head: AssignmentHead, pixels: torch.Tensor, queries: torch.Tensor, dy: torch.Tensor) -> dict:
+    """Two training steps of the head's fused paths (a depthwise ConvBN with GELU: ``ops.batch_norm_gelu``; the
+    slabbed pixel MLP; the scalar affinity BatchNorm); returns the last affinity, input and parameter gradients,
+    and the buffers."""
+    pixels, queries = pixels.clone().requires_grad_(), queries.clone().requires_grad_()
+    for _ in range(2):
+        head.zero_grad()
+        pixels.grad = queries.grad = None
+        m = head.affinity(head.pixel_keys(pixels, slab_voxels=4 * 3), head.query_out(queries))  # slabs of 1 X-plane
+        m.backward(dy)
+    grads = {k: v.grad for k, v in head.named_parameters()}
+    return {"m": m.detach(), "pixels": pixels.grad, "queries": queries.grad, "grads": grads,
+            "buffers": dict(head.named_buffers())}
+
+
+def _fused_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank ``rank`` of 2: the synced head on its 2 of the 4 volumes; the moments and sums of a hand example."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    head, pixels, queries, dy = _head_batch()
+    sync_batchnorm(head)
+    rows = slice(2 * rank, 2 * rank + 2)
+    result = _affinity(head, pixels[rows], queries[rows], dy[rows])
+    norm = head.affinity_norm  # a SyncScalarBatchNorm: rank 0 holds [0, 2], rank 1 [4, 6]
+    result["moments"] = norm.combine_moments(torch.tensor(1.0 + 4 * rank), torch.tensor(1.0), 2)
+    result["sums"] = norm.combine_sums(torch.tensor([1.0 + rank, 10.0]))
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_fused_paths_take_the_whole_batch_statistics(tmp_path: Path) -> None:
+    """2 gloo ranks, each with 2 of 4 volumes whose halves differ, against one process on all 4 (float64): the
+    affinity rows, the input gradients, the parameter gradients summed over ranks and the running statistics
+    after two steps match, so batch_norm_gelu, pixel_mlp and ScalarBatchNorm normalise with the whole batch.
+    Hand check of the combination: [0, 2] and [4, 6] give μ = 3, σ² = 5 over n = 4; sums 1 + 2 = 3."""
+    mp.start_processes(_fused_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    want = _affinity(*_head_batch())
+    tol = dict(rtol=1e-9, atol=1e-11)
+    for key in ("m", "pixels", "queries"):
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), want[key], **tol, msg=key)
+    for k, g in want["grads"].items():
+        torch.testing.assert_close(ranks[0]["grads"][k] + ranks[1]["grads"][k], g, **tol, msg=k)
+    for r in ranks:
+        for k, b in want["buffers"].items():
+            torch.testing.assert_close(r["buffers"][k], b, **tol, msg=k)
+        mean, var, n = r["moments"]
+        assert (mean.item(), var.item(), n) == (3.0, 5.0, 4)
+        assert r["sums"].tolist() == [3.0, 20.0]
 
 
 def _free_port() -> int:
@@ -84,14 +149,14 @@ def _ckpt(run: Path) -> dict:
 
 
 def _assert_state_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """Weights within 1e-5; running variances within 2e-3 relative; running means within 1e-4 of their channel's
+    """Weights within 1e-5; running variances within 1e-2 relative; running means within 1e-4 of their channel's
     standard deviation (the mean of the k-means sums is 0 in exact arithmetic, their spread ≈ 20)."""
     assert a.keys() == b.keys()
     for k in a:
         if not a[k].is_floating_point():
             assert torch.equal(a[k], b[k]), k
         elif k.endswith("running_var"):
-            torch.testing.assert_close(a[k], b[k], rtol=2e-3, atol=0, msg=k)
+            torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=0, msg=k)
         elif k.endswith("running_mean"):
             std = b[k.replace("running_mean", "running_var")].sqrt()
             assert ((a[k] - b[k]).abs() <= 1e-4 * std).all(), k

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from dkuxnet.batch_stats import batch_moments, batch_sums, update_running
 from dkuxnet.models.blocks import maybe_checkpoint, replayed
 from dkuxnet.models.depthwise import DepthwiseConv3d
 from dkuxnet.models.pixel_mlp import pixel_mlp
@@ -53,15 +54,17 @@ class _ScalarBatchNormFn(torch.autograd.Function):
     dx = γ·r·(dy − mean(dy) − x̂·mean(dy·x̂)), x̂ = (x − μ)·r. Without, they are constants: dx = γ·r·dy.
     Saves only ``x``. Backward holds one full-size temporary: x̂ is rebuilt in it, multiplied by dy in
     place for Σ dy·x̂, then overwritten with dx = k₁·x + k₀ + γr·dy (k₁ = −γr²·Σ(dy·x̂)/n,
-    k₀ = −μk₁ − γr·Σdy/n), the same expression expanded. Not twice differentiable.
+    k₀ = −μk₁ − γr·Σdy/n), the same expression expanded. The sums and n are those of ``norm``'s whole batch
+    (:func:`~dkuxnet.batch_stats.batch_sums`: all ranks' for a synced norm); dγ, dβ are this input's.
+    Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-                rstd: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+                rstd: torch.Tensor, batch_stats: bool, norm: nn.Module, count: int) -> torch.Tensor:
         scale = weight * rstd  # 1
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.batch_stats = batch_stats
+        ctx.batch_stats, ctx.norm, ctx.count = batch_stats, norm, count
         return torch.addcmul(bias - mean * scale, x, scale)  # one pass: x·scale + shift
 
     @staticmethod
@@ -73,11 +76,13 @@ class _ScalarBatchNormFn(torch.autograd.Function):
         dw = tmp.mul_(dy).sum().reshape(1)  # Σ dy·x̂
         scale = weight * rstd
         if not ctx.batch_stats:
-            return dy * scale, dw, db, None, None, None
-        n = x.numel()
-        k1 = -dw / n * scale * rstd
-        dx = torch.addcmul(-db / n * scale - mean * k1, x, k1, out=tmp).addcmul_(dy, scale)  # γr(dy − mean dy − x̂·mean(dy·x̂))
-        return dx, dw, db, None, None, None
+            return dy * scale, dw, db, None, None, None, None, None
+        n = ctx.count
+        sum_db, sum_dw = batch_sums(ctx.norm, torch.stack([db, dw]))  # the whole batch's Σdy, Σdy·x̂
+        k1 = -sum_dw / n * scale * rstd
+        # γr(dy − mean dy − x̂·mean(dy·x̂))
+        dx = torch.addcmul(-sum_db / n * scale - mean * k1, x, k1, out=tmp).addcmul_(dy, scale)
+        return dx, dw, db, None, None, None, None, None
 
 
 class ScalarBatchNorm(nn.BatchNorm1d):
@@ -108,19 +113,19 @@ class ScalarBatchNorm(nn.BatchNorm1d):
         with fp32_island(x.device):
             x = upcast(x)
             batch_stats = self.training or self.running_mean is None
+            n = x.numel()
             if batch_stats:
                 with torch.no_grad():
                     var, mean = torch.var_mean(x, correction=0)  # biased σ², μ: one reduction
+                    mean, var, n = batch_moments(self, mean, var, n)  # the whole batch's (all ranks' when synced)
                     if self.training and self.track_running_stats:
                         self.num_batches_tracked.add_(1)
                         m = 1.0 / self.num_batches_tracked.to(x.dtype) if self.momentum is None else self.momentum
-                        n = x.numel()
-                        self.running_mean.mul_(1 - m).add_(m * mean)
-                        self.running_var.mul_(1 - m).add_(m * var * (n / (n - 1)))
+                        update_running(self, mean, var, n, m)
             else:
                 mean, var = self.running_mean[0], self.running_var[0]
             rstd = torch.rsqrt(var.to(x.dtype) + self.eps)
-            return _ScalarBatchNormFn.apply(x, self.weight, self.bias, mean.to(x.dtype), rstd, batch_stats)
+            return _ScalarBatchNormFn.apply(x, self.weight, self.bias, mean.to(x.dtype), rstd, batch_stats, self, n)
 
 
 class ConvBN(nn.Module):

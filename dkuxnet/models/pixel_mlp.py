@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from dkuxnet.batch_stats import batch_moments, batch_sums, update_running
 from dkuxnet.precision import fp32_island
 
 _NO_STRIDE = dict(stride=[1, 1, 1], padding=[0, 0, 0], dilation=[1, 1, 1], transposed=False,
@@ -70,11 +71,11 @@ class _PixelMLP(torch.autograd.Function):
         slabs = _Slabs(x, w1, gamma, beta, w2, dtype, step, norm.eps)
         batch_stats = norm.training or norm.running_mean is None
         with torch.no_grad():
+            n = 0
             if batch_stats:
-                mean, var, n = slabs.moments()
+                mean, var, n = batch_moments(norm, *slabs.moments())  # the whole batch's (all ranks' when synced)
                 if norm.training and norm.track_running_stats:
-                    norm.running_mean.mul_(1 - factor).add_(factor * mean)
-                    norm.running_var.mul_(1 - factor).add_(factor * var * (n / (n - 1)))
+                    update_running(norm, mean, var, n, factor)
             else:
                 mean, var = norm.running_mean.clone(), norm.running_var.clone()
             b, _, _, *yz = x.shape
@@ -84,6 +85,7 @@ class _PixelMLP(torch.autograd.Function):
                 out[:, :, s] = F.conv3d(a, slabs.w2, b2.to(dtype))
         ctx.save_for_backward(x, w1, gamma, beta, w2, mean, var)
         ctx.batch_stats, ctx.dtype, ctx.step, ctx.eps = batch_stats, dtype, step, norm.eps
+        ctx.norm, ctx.count = norm, n
         return out
 
     @staticmethod
@@ -99,7 +101,6 @@ class _PixelMLP(torch.autograd.Function):
         sd, dims = slabs.stat_dtype, (0, 2, 3, 4)
         view = (1, -1, 1, 1, 1)
         invstd = torch.rsqrt(var + ctx.eps)
-        n = x.numel() // x.shape[1]
         dout = dout.to(ctx.dtype)
         dw1, dw2 = torch.zeros_like(w1, dtype=sd), torch.zeros_like(w2, dtype=sd)
         dgamma, dbeta = torch.zeros_like(gamma, dtype=sd), torch.zeros_like(beta, dtype=sd)
@@ -123,10 +124,13 @@ class _PixelMLP(torch.autograd.Function):
             dbeta.add_(dy.sum(dims))
             dgamma.add_((dy * xhat).sum(dims))
         scale = (gamma * invstd).view(view)
+        if ctx.batch_stats:  # the sums over the whole batch of n entries per channel (all ranks' when synced)
+            sum_dy, sum_dy_xhat = batch_sums(ctx.norm, torch.stack([dbeta, dgamma]))
+            mean_dy, mean_dy_xhat = sum_dy.view(view) / ctx.count, sum_dy_xhat.view(view) / ctx.count
         for s in slabs.slices:  # pass 2: ∂L/∂h = γ/√(σ² + ε)·(dy − Σdy/n − x̂·Σ(dy·x̂)/n) in training
             _, xhat, dy = slab_grads(s, accumulate=False)
             if ctx.batch_stats:
-                dy = dy - dbeta.view(view) / n - xhat * (dgamma.view(view) / n)
+                dy = dy - mean_dy - xhat * mean_dy_xhat
             dh = (dy * scale).to(ctx.dtype)
             gx, gw = torch.ops.aten.convolution_backward(dh, slabs.x[:, :, s].to(ctx.dtype), slabs.w1, None, **_NO_STRIDE,
                                                          output_mask=[True, True, False])[:2]
@@ -143,8 +147,9 @@ def pixel_mlp(x: torch.Tensor, conv1: nn.Conv3d, norm: nn.BatchNorm3d, conv2: nn
     .. math:: y = W_2\,\operatorname{GELU}\big(\gamma\,(W_1 x - \mu)/\sqrt{\sigma^2 + \varepsilon} + \beta\big) + b_2
 
     per voxel, with μ, σ² the batch statistics of :math:`W_1 x` (biased; the running statistics are updated
-    as ``norm`` would, with the unbiased variance) in training and the running ones in eval. Each slab
-    spans the whole batch and about ``slab_voxels`` voxels (whole X-planes). Under autocast the
+    as ``norm`` would, with the unbiased variance) in training and the running ones in eval. The batch is
+    ``norm``'s: all ranks' for a synced norm (moments and gradient sums through :mod:`dkuxnet.batch_stats`).
+    Each slab spans the whole batch and about ``slab_voxels`` voxels (whole X-planes). Under autocast the
     convolutions run in the autocast dtype, as the modules would; the statistics are fp32.
 
     Args:
