@@ -302,12 +302,12 @@ def ours_table(results: list[dict[str, Any]], kind: str | None = None) -> pd.Dat
     (NaN for one run; the ``sd`` columns are left out when no row has two runs). A NaN in one run makes
     the row's mean NaN.
 
-    Columns: ``method`` (DKUXNet / V-Net), ``losses`` (the loss ablation row), ``labeled`` scans,
-    ``iterations``, ``schedule``, ``n_seeds`` (runs in the row), ``wall min`` (training), ``Dice %``,
-    ``Jaccard %``, ``95HD`` and ``ASD`` (voxels of 0.625 mm), ``failed`` cases (summed over the row's runs),
-    ``BN stats`` used, ``run`` (the provenance label of :func:`run_label`, with every seed), and
-    ``Dice % (other BN stats)`` when a result carries the evaluation with the other statistics
-    (``bn_stats_other``; the column is left out when no run has it).
+    Columns, the scores first: ``method`` (DKUXNet / V-Net), ``losses`` (the loss ablation row), ``labeled``
+    scans, ``Dice %``, ``Jaccard %``, ``95HD`` and ``ASD`` (voxels of 0.625 mm), ``Dice % (other BN stats)``
+    when a result carries the evaluation with the other statistics (``bn_stats_other``; the column is left
+    out when no run has it), then ``iterations``, ``schedule``, ``n_seeds`` (runs in the row), ``wall min``
+    (training), ``failed`` cases (summed over the row's runs), ``BN stats`` used and ``run`` (the
+    provenance label of :func:`run_label`, with every seed).
 
     Raises:
         ValueError: a result does not validate, or two results of one row have the same seed (the same run twice).
@@ -345,14 +345,14 @@ def _table_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "method": "DKUXNet" if first["config"]["model"]["arch"] == "dkuxnet" else "V-Net",
         "losses": ABLATION_ROWS[first["config"]["loss"]["ablation"]], "labeled": first["labeled_num"],
-        "iterations": first["iterations"], "schedule": first["schedule"], "n_seeds": len(runs),
     }
-    for column in MEAN_COLUMNS[:-1]:
+    for column in MEAN_COLUMNS[1:]:  # the scores first, where a reader looks
         row[column], row[f"{column} sd"] = _mean_sd(values[column])
+    row.update({"iterations": first["iterations"], "schedule": first["schedule"], "n_seeds": len(runs)})
+    row["wall min"], row["wall min sd"] = _mean_sd(values["wall min"])
     row["failed"] = sum(r["n_failed"] for r in runs)
     row["BN stats"] = first.get("bn_stats", "ema")
     row["run"] = run_label(first, seeds=sorted(seeds))
-    row[OTHER_BN_COLUMN], row[f"{OTHER_BN_COLUMN} sd"] = _mean_sd(values[OTHER_BN_COLUMN])
     return row
 
 

@@ -107,7 +107,7 @@ paper_table("ablation")
 # (Dice and Jaccard in %, 95HD and ASD in voxels of 0.625 mm). **Not the paper's setting**: half the
 # resolution, a 326 k-parameter model instead of 65 M, about 900 iterations instead of 15,000 (the
 # book's decisions page, "The CPU track"). `wall min` is the training time; `BN stats` the BatchNorm
-# statistics evaluated with, and the last column the Dice of the same model with the other set.
+# statistics evaluated with, and `Dice % (other BN stats)` the Dice of the same model with the other set.
 
 # %%
 ours = load_results(results) if results.is_dir() else []

@@ -38,6 +38,7 @@ def test_ours_table_averages_the_seeds_of_a_setting():
     assert "seed=1 " in table.iloc[0]["run"]
     columns = list(table.columns)
     assert columns.index("Dice % sd") == columns.index("Dice %") + 1 and "Dice % (other BN stats)" not in columns
+    assert columns[:5] == ["method", "losses", "labeled", "Dice %", "Dice % sd"]  # the scores first
 
 
 def test_ours_table_of_single_runs_has_no_sd_columns_and_refuses_duplicates():
