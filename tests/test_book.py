@@ -33,6 +33,7 @@ BOOK_PAGES = sorted((ROOT / "book").glob("*.md"))
 PLOTLY_PAGES = ("notebooks/01_data.html", "notebooks/06_visualize.html")
 WIDGET_PAGE = "notebooks/01_data.html"
 SCREENSHOT_PAGE = "notebooks/06_visualize.html"
+SCREENSHOT_WINDOW = "1280,5000"  # tall enough for the page's first two 3D figures (the real scans, then this build's)
 
 
 def _yaml(name: str) -> dict[str, Any]:
@@ -462,7 +463,7 @@ def test_coloured_fraction_tells_a_figure_from_text(tmp_path: Path) -> None:
 def test_screenshot_shows_the_3d_figure(tmp_path: Path) -> None:
     png = tmp_path / "page.png"
     proc = subprocess.run(
-        ["bash", str(ROOT / "tools" / "screenshot.sh"), str(HTML), SCREENSHOT_PAGE, str(png)],
+        ["bash", str(ROOT / "tools" / "screenshot.sh"), str(HTML), SCREENSHOT_PAGE, str(png), SCREENSHOT_WINDOW],
         capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
