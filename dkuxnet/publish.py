@@ -94,6 +94,16 @@ def load_case(path: Path) -> dict[str, Any]:
     return d
 
 
+def copy_run_files(run_dir: Path, per_case: Path, files: Path) -> None:
+    """Write a finished run's own files into ``files``: ``per_case`` as ``per_case.csv``, the training log
+    ``metrics.jsonl`` and ``train_summary.json`` (the run's ``summary.json`` without this machine's paths)."""
+    files.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(per_case, files / "per_case.csv")
+    shutil.copyfile(run_dir / "metrics.jsonl", files / "metrics.jsonl")
+    train_summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    write_json(files / "train_summary.json", {k: v for k, v in train_summary.items() if k not in LOCAL_PATHS})
+
+
 def publish_run(
     run_dir: Path, data_dir: Path, results_dir: Path, kind: str, name: str | None = None, model: bool = False,
     cases: int = 0, notes: str | None = None, progress: bool = True,
@@ -127,13 +137,9 @@ def publish_run(
     result = build_result(summary, name=name, notes=notes, other_bn_summary=other)
     save_result(results_dir / kind / f"{name}.json", result)
     files = results_dir / RUNS_FOLDER / name
-    files.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / f"eval_{main_bn}" / "per_case.csv", files / "per_case.csv")
+    copy_run_files(run_dir, run_dir / f"eval_{main_bn}" / "per_case.csv", files)
     if other_bn:
         shutil.copyfile(run_dir / f"eval_{other_bn}" / "per_case.csv", files / f"per_case_{other_bn}.csv")
-    shutil.copyfile(run_dir / "metrics.jsonl", files / "metrics.jsonl")
-    train_summary = json.loads((run_dir / "summary.json").read_text())
-    write_json(files / "train_summary.json", {k: v for k, v in train_summary.items() if k not in LOCAL_PATHS})
     if model:
         strip_checkpoint(run_dir / "last.pt", files / "model.pt")
         net, cfg = model_from_state(load_checkpoint(files / "model.pt"), "cpu")

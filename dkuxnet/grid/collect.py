@@ -15,12 +15,11 @@ Unlike ``dkuxnet publish`` it evaluates nothing again and copies no model.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from dkuxnet.publish import LOCAL_PATHS
-from dkuxnet.results import RUNS_FOLDER, build_result, save_result, write_json
+from dkuxnet.publish import copy_run_files
+from dkuxnet.results import RUNS_FOLDER, build_result, save_result
 
 
 def result_path(results_dir: Path, profile: str, name: str) -> Path:
@@ -39,11 +38,6 @@ def collect_cell(run_dir: Path, results_dir: Path, profile: str, notes: str | No
     name = run_dir.name
     summary = json.loads((run_dir / "eval" / "summary.json").read_text(encoding="utf-8"))
     result = build_result(summary, name=name, notes=notes)
-    files = results_dir / RUNS_FOLDER / name
-    files.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "eval" / "per_case.csv", files / "per_case.csv")
-    shutil.copyfile(run_dir / "metrics.jsonl", files / "metrics.jsonl")
-    train_summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    write_json(files / "train_summary.json", {k: v for k, v in train_summary.items() if k not in LOCAL_PATHS})
+    copy_run_files(run_dir, run_dir / "eval" / "per_case.csv", results_dir / RUNS_FOLDER / name)
     save_result(result_path(results_dir, profile, name), result)
     return result
